@@ -59,7 +59,7 @@ def seed_everything(seed: int = DEFAULT_SEED) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def device(prefer: str = "auto") -> "torch.device":  # noqa: F821
+def device(prefer: str = "auto") -> torch.device:  # noqa: F821
     """CUDA when present (and not overridden), else CPU: the same notebooks run on both."""
     import torch
 

@@ -73,7 +73,8 @@ OUTSIDE = {
            "両側下葉に無気肺を認める。", "食道裂孔ヘルニアあり。", "結腸憩室を認めるが、憩室炎の所見はない。"],
 }
 INDICATION = {
-    "en": ["Abdominal pain.", "Follow-up.", "Rule out {t}.", "Elevated liver enzymes.", "Weight loss, evaluate for {t}."],
+    "en": ["Abdominal pain.", "Follow-up.", "Rule out {t}.", "Elevated liver enzymes.",
+           "Weight loss, evaluate for {t}."],
     "ja": ["腹痛。", "経過観察。", "{t}の除外。", "肝機能障害。", "体重減少、{t}の評価。"],
 }
 HISTORY = {"en": "History of {t}.", "ja": "{t}の既往あり。"}

@@ -1,0 +1,158 @@
+"""Exploratory data analysis of a CT cohort (notebook 00): what is in the data before any model.
+
+Works on the synthetic cohort and on real folders (the TotalSegmentator example CT) through one
+case table, so the notebook changes only its ``dataset`` parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from tqdm.auto import tqdm
+
+from lib import config, synth
+from lib.io import DataError, SkippedCases, load_case, voxel_volume_ml
+
+
+@dataclass
+class CTDataset:
+    """A CT cohort as the notebooks see it: cases with image + multilabel mask, optional reports."""
+
+    name: str
+    root: Path
+    cases: pd.DataFrame  # case_id, patient_id, image, mask (absolute paths)
+    class_map: dict[int, str]
+    reports: pd.DataFrame | None = None
+    truth: pd.DataFrame | None = None  # only for EDA of the synthetic cohort; never for labelling
+
+
+def load_class_map(path: Path, task: str = "total") -> dict[int, str]:
+    """Class map JSON: either {"1": "spleen"} or TotalSegmentator's {"total": {...}, "total_mr": {...}}."""
+    raw = json.loads(Path(path).read_text())
+    if task in raw and isinstance(raw[task], dict):
+        raw = raw[task]
+    return {int(k): str(v) for k, v in raw.items()}
+
+
+def open_dataset(dataset: str = "synthetic", profile: str = "smoke", seed: int = config.DEFAULT_SEED) -> CTDataset:
+    """``synthetic`` (generated on demand), ``ct-totalseg`` (../shared/data), or a folder in the synthetic layout."""
+    if dataset == "synthetic":
+        return _folder_dataset(synth.ensure_cohort(profile, seed), "synthetic")
+    if dataset == "ct-totalseg":
+        root = config.shared_path("ct-totalseg")
+        if not root.exists():
+            raise DataError(root, "the real CT example is not available (../shared/data/ct-totalseg)")
+        cases = pd.DataFrame([{"case_id": "example_ct_sm", "patient_id": "example",
+                               "image": str(root / "example_ct_sm.nii.gz"),
+                               "mask": str(root / "example_seg.nii.gz")}])
+        return CTDataset("ct-totalseg", root, cases, load_class_map(root / "class_map_total_and_total_mr.json"))
+    return _folder_dataset(Path(dataset), Path(dataset).name)
+
+
+def _folder_dataset(root: Path, name: str) -> CTDataset:
+    studies_csv = root / "studies.csv"
+    if not studies_csv.exists():
+        raise DataError(studies_csv, "no studies.csv: expected the synthetic-cohort layout (see data/README.md)")
+    st = pd.read_csv(studies_csv)
+    cases = pd.DataFrame({"case_id": st.study_id, "patient_id": st.patient_id,
+                          "image": [str(root / p) for p in st.ct_path],
+                          "mask": [str(root / p) for p in st.seg_path]})
+    reports = pd.read_csv(root / "reports.csv") if (root / "reports.csv").exists() else None
+    truth_csv = root / "ground_truth" / "labels.csv"
+    truth = pd.read_csv(truth_csv) if truth_csv.exists() else None
+    return CTDataset(name, root, cases, load_class_map(root / "class_map.json"), reports, truth)
+
+
+def case_statistics(ds: CTDataset, structures: list[str] | None = None,
+                    hu_sample: int = 4000, seed: int = config.DEFAULT_SEED) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                         SkippedCases]:
+    """Per case geometry and per case×structure volume/HU; also a HU sample per structure for histograms.
+
+    Returns (cases, structures_long, skipped). Bad cases are skipped and recorded, not fatal.
+    """
+    rng = np.random.default_rng(seed)
+    wanted = structures or sorted(set(ds.class_map.values()))
+    index = {v: k for k, v in ds.class_map.items()}
+    skipped = SkippedCases()
+    case_rows, organ_rows = [], []
+    for case in tqdm(ds.cases.itertuples(), total=len(ds.cases), desc="EDA", leave=False):
+        try:
+            img, seg = load_case(case.image, case.mask)
+        except DataError as exc:
+            skipped.add(case.case_id, exc, stage="eda")
+            continue
+        hu = np.asarray(img.dataobj, dtype=np.float32)
+        lab = np.asarray(seg.dataobj).astype(np.int32)
+        zooms = nib.affines.voxel_sizes(img.affine)
+        case_rows.append({"case_id": case.case_id, "patient_id": case.patient_id, "nx": hu.shape[0],
+                          "ny": hu.shape[1], "slices": hu.shape[2], "spacing_xy_mm": float(zooms[0]),
+                          "spacing_z_mm": float(zooms[2]), "hu_min": float(hu.min()), "hu_max": float(hu.max())})
+        vox_ml = voxel_volume_ml(img)
+        for name in wanted:
+            if name not in index:
+                continue
+            m = lab == index[name]
+            n = int(m.sum())
+            vals = hu[m]
+            sample = rng.choice(vals, size=min(hu_sample, n), replace=False) if n else np.empty(0)
+            organ_rows.append({"case_id": case.case_id, "structure": name, "voxels": n,
+                               "volume_ml": n * vox_ml, "hu_mean": float(vals.mean()) if n else np.nan,
+                               "hu_std": float(vals.std()) if n else np.nan, "hu_sample": sample})
+    return pd.DataFrame(case_rows), pd.DataFrame(organ_rows), skipped
+
+
+def hu_long(organs: pd.DataFrame) -> pd.DataFrame:
+    """Explode the per-structure HU samples into a long table for seaborn."""
+    rows = [pd.DataFrame({"structure": r.structure, "HU": r.hu_sample})
+            for r in organs.itertuples() if len(r.hu_sample)]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["structure", "HU"])
+
+
+def report_stats(reports: pd.DataFrame) -> pd.DataFrame:
+    """Length of each report in characters and sentences, per language."""
+    seps = r"[。\n]|(?<=[.!?])\s+"
+    out = reports[["study_id", "lang"]].copy()
+    out["characters"] = reports.text.str.len()
+    out["sentences"] = reports.text.str.split(seps, regex=True).map(lambda parts: sum(1 for p in parts if p.strip()))
+    return out
+
+
+def prevalence(truth: pd.DataFrame) -> pd.DataFrame:
+    """Fraction of studies with each finding (ground truth of the synthetic cohort)."""
+    cols = [c for c in synth.LABEL_COLUMNS if c in truth]
+    prev = truth[cols].mean().rename("prevalence").reset_index().rename(columns={"index": "finding"})
+    prev["organ"] = prev.finding.str.split("_").str[0]
+    return prev
+
+
+def savefig(fig: plt.Figure, run_dir: Path, name: str) -> Path:
+    """Save a figure under ``run_dir/figures`` and return the path (figures also stay inline)."""
+    path = Path(run_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def middle_slice_panel(ds: CTDataset, n: int = 4, window: tuple[float, float] = (40, 400)) -> plt.Figure:
+    """Axial slices through the middle of the first cases with the organ mask outlined."""
+    cases = ds.cases.head(n)
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), squeeze=False)
+    lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
+    for ax, case in zip(axes[0], cases.itertuples(), strict=False):
+        img, seg = load_case(case.image, case.mask)
+        hu, lab = np.asarray(img.dataobj), np.asarray(seg.dataobj)
+        k = int(np.argmax((lab > 0).sum((0, 1))))
+        ax.imshow(np.clip(hu[:, :, k].T, lo, hi), cmap="gray", origin="lower")
+        ax.contour(lab[:, :, k].T, levels=np.arange(0.5, lab.max() + 1), linewidths=0.6, cmap="tab20",
+                   origin="lower")
+        ax.set_title(f"{case.case_id} z={k}", fontsize=9)
+        ax.axis("off")
+    sns.despine(fig)
+    return fig
