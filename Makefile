@@ -20,7 +20,7 @@ run: env  ## the main job: data, every notebook with papermill (demo profile), H
 	$(PY) -m lib.pipeline --profile $(PROFILE)
 
 test: env  ## every test: unit tests, notebook hygiene, nbval of every notebook (smoke profile)
-	$(PY) -m ruff check lib tests scripts tools
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests -n 2 --timeout 900
 	$(PY) -m pytest --nbval-lax notebooks -p no:xdist --timeout 900
 
@@ -42,7 +42,7 @@ smoke: env  ## the whole pipeline on the smoke profile (seconds per notebook)
 	$(PY) -m lib.pipeline --profile smoke
 
 lint: env  ## ruff + notebook hygiene (one parameters cell, no defs, no outputs)
-	$(PY) -m ruff check lib tests scripts tools
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests/test_notebooks_static.py -q
 
 clean-scratch:  ## scratch outputs of hand/nbval runs (never touches outputs/runs)
