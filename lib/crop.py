@@ -1,0 +1,920 @@
+"""Organ crops from CT + segmentation masks (notebook 02): small, correct, cached training samples.
+
+Why: whole CTs (512×512×300) are too big to train on, and a model should look at one organ at a time.
+Each case × structure becomes a crop around the organ's mask, with a margin in millimetres, in one of
+three modes (as in the original research code):
+
+* ``bbox``: bounding box of the mask plus margin;
+* ``seg``:  the same box with voxels outside the (dilated) mask set to a background value;
+* ``25d``:  for each selected axial slice, a stack of ``k`` neighbouring slices as channels
+  (neighbours are clamped at the volume edges, i.e. the edge slice is repeated).
+
+Geometry follows TotalSegmentator's ``cropping.py``: small functions on voxel boxes, and every crop
+carries the affine that maps *its* voxel indices to the same world (mm) coordinates as the source, so
+a crop written as NIfTI overlays the original in a viewer. Everything is expressed as an output
+*grid* (origin + step in source voxels): plain cropping, resampling to a target spacing and the fixed
+training size are the same operation, so the affine is exact by construction.
+
+Outputs (``docs/ARCHITECTURE.md``, "Crop index"), under ``<run_dir>/crops/``:
+
+* training samples ``<name>/<structure>/<case_id>.npz``: ``image`` float32 (S, H, W) in [0, 1]
+  (HU window applied), ``mask`` uint8, ``lesion`` uint8 (when lesion masks exist), ``spacing`` (3,)
+  in the order (S, H, W), ``affine`` (4, 4), and in ``25d`` mode ``stack`` float32 (S, k, H, W).
+  Array axes: ``image[s, h, w]`` is the voxel ``(i, j, k) = (w, h, s)`` of an LPS-oriented volume
+  (columns run to the patient's left, rows to posterior, slices upwards), so ``imshow(image[s])``
+  shows the usual radiological view, and ``affine @ [w, h, s, 1]`` is its world position (RAS mm).
+* 3D crops ``<name>/<structure>/<case_id>.nii.gz`` (+ ``_mask``, ``_lesion``), HU kept, LPS order.
+* ``index.csv``: ``case_id, patient_id, structure, organ, mode, path, shape, spacing, voxels, bbox,
+  lesion_voxels`` (``path`` relative to ``crops/``; ``bbox`` in the source file's voxel indices,
+  half-open, margin included; ``voxels``/``lesion_voxels`` counted in the source).
+
+Inputs come from :func:`discover_cases`, which turns the usual folder layouts into one case table, so
+the crop core never knows where a mask came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import zipfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from lib import config
+from lib.imageio import WINDOWS, apply_window, resolve_window  # one windowing for crops, training, serving
+from lib.io import DataError, SkippedCases, check_same_grid, load_nifti
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+MODES = ("bbox", "seg", "25d")
+FORMATS = ("npz", "nifti")
+INDEX_COLUMNS = ["case_id", "patient_id", "structure", "organ", "mode", "path", "shape", "spacing",
+                 "voxels", "bbox", "lesion_voxels"]
+CASE_COLUMNS = ["case_id", "patient_id", "image", "mask", "mask_kind", "class_map", "lesion"]
+DEFAULT_STRUCTURES = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right", "gallbladder"]
+# Bump when the output of the same inputs + parameters changes, so caches are invalidated.
+CODE_VERSION = "crop-1"
+AIR_HU = -1024.0
+LPS = ("L", "P", "S")
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """How to crop. Defaults make the training samples (fixed 16×64×64, abdomen window)."""
+
+    mode: str = "bbox"  # bbox | seg | 25d
+    margin_mm: float | tuple[float, float, float] = 10.0  # added on every side of the mask's box
+    size: tuple[int, int, int] | None = (16, 64, 64)  # (S, H, W); None keeps the native grid
+    fit: str = "resize"  # resize: scale the box (square in-plane) into size; pad: native spacing, centred
+    spacing: tuple[float, float, float] | None = None  # target spacing (x, y, z) mm, for size=None or fit=pad
+    window: str | tuple[float, float] = "abdomen"  # preset name or (level, width)
+    fmt: str = "npz"  # npz training samples | nifti 3D crops (HU)
+    k: int = 3  # 25d: slices per stack (odd)
+    background_hu: float = -1000.0  # seg: value outside the dilated mask
+    dilate_mm: float = 5.0  # seg: mask dilation before blanking
+    lesion_in_organ: bool = True  # keep only lesion voxels inside this organ's mask
+
+    def validate(self) -> CropParams:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown crop mode {self.mode!r}; choose from {MODES}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"unknown output format {self.fmt!r}; choose from {FORMATS}")
+        if self.fit not in ("resize", "pad"):
+            raise ValueError(f"fit must be 'resize' or 'pad', got {self.fit!r}")
+        if self.mode == "25d" and (self.k < 1 or self.k % 2 == 0):
+            raise ValueError(f"25d needs an odd k >= 1, got {self.k}")
+        if self.mode == "25d" and self.fmt != "npz":
+            raise ValueError("25d stacks are training samples: use fmt='npz'")
+        window_of(self.window)
+        return self
+
+    def as_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def window_of(window: str | Sequence[float]) -> tuple[float, float]:
+    """(level, width) of a preset name (``lib.imageio.WINDOWS``) or an explicit pair; samples need one."""
+    lw = resolve_window(window)
+    if lw is None:
+        raise ValueError(f"crops need a HU window to scale to [0, 1]; presets: {sorted(WINDOWS)} or (level, width)")
+    return float(lw[0]), float(lw[1])
+
+
+# ----------------------------------------------------------------------------- geometry (pure)
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths in mm from the affine's columns (not the header pixdim)."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def bbox_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Half-open voxel box (lo, hi) of the non-zero voxels, or None for an empty mask."""
+    sl = ndimage.find_objects(np.asarray(mask, bool).astype(np.uint8))
+    if not sl or sl[0] is None:
+        return None
+    return np.array([s.start for s in sl[0]]), np.array([s.stop for s in sl[0]])
+
+
+def label_bboxes(labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Boxes of every label of a multilabel mask in one pass (find_objects), keyed by label value."""
+    lab = np.asarray(labels)
+    if not np.issubdtype(lab.dtype, np.integer):
+        lab = np.rint(lab).astype(np.int32)
+    if lab.min() < 0:
+        lab = np.where(lab < 0, 0, lab)
+    boxes = {}
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is not None:
+            boxes[i] = (np.array([s.start for s in sl]), np.array([s.stop for s in sl]))
+    return boxes
+
+
+def margin_voxels(margin_mm: float | Sequence[float], spacing: Sequence[float]) -> np.ndarray:
+    """Margin per axis in voxels, rounded up so the margin is at least ``margin_mm``."""
+    m = np.broadcast_to(np.asarray(margin_mm, float), (3,))
+    return np.ceil(m / np.asarray(spacing, float) - 1e-6).astype(int)
+
+
+def add_margin(lo: np.ndarray, hi: np.ndarray, margin_vox: np.ndarray, shape: Sequence[int]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Grow a box by a margin, clipped to the volume."""
+    return np.maximum(lo - margin_vox, 0), np.minimum(hi + margin_vox, np.asarray(shape[:3]))
+
+
+def crop_affine(affine: np.ndarray, lo: Sequence[float], step: Sequence[float] = (1, 1, 1)) -> np.ndarray:
+    """Affine of a grid whose voxel u sits at source voxel ``lo + step * u`` (same world positions)."""
+    m = np.eye(4)
+    m[:3, :3] = np.diag(np.asarray(step, float))
+    m[:3, 3] = np.asarray(lo, float)
+    return np.asarray(affine, float) @ m
+
+
+def lps_ornt(affine: np.ndarray) -> np.ndarray:
+    """nibabel orientation transform from the image's voxel order to LPS."""
+    return nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt(LPS))
+
+
+def lps_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Affine of the array after ``apply_orientation(arr, ornt)``: same world, LPS voxel order."""
+    return np.asarray(affine, float) @ nib.orientations.inv_ornt_aff(ornt, shape[:3])
+
+
+def box_to_lps(lo: np.ndarray, hi: np.ndarray, ornt: np.ndarray, shape: Sequence[int]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Carry a half-open box from the source voxel order to the reoriented one."""
+    new_lo, new_hi = np.zeros(3, int), np.zeros(3, int)
+    for ax, (dest, flip) in enumerate(ornt.astype(int)):
+        a, b = int(lo[ax]), int(hi[ax])
+        if flip < 0:
+            a, b = shape[ax] - b, shape[ax] - a
+        new_lo[dest], new_hi[dest] = a, b
+    return new_lo, new_hi
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Output voxels u = 0..shape-1 sit at source voxel coordinates ``origin + step * u``."""
+
+    origin: np.ndarray
+    step: np.ndarray
+    shape: tuple[int, int, int]
+
+    def is_plain_crop(self, src_shape: Sequence[int]) -> bool:
+        """True when the grid is a sub-block of the source (slice it, no interpolation)."""
+        o = np.asarray(self.origin, float)
+        return bool((np.abs(np.asarray(self.step) - 1) < 1e-9).all() and (np.abs(o - np.round(o)) < 1e-6).all()
+                    and (o > -1e-6).all() and (o + np.asarray(self.shape) <= np.asarray(src_shape[:3]) + 1e-6).all())
+
+    def coords(self) -> list[np.ndarray]:
+        return [self.origin[a] + self.step[a] * np.arange(self.shape[a]) for a in range(3)]
+
+
+def grid_for_box(lo: np.ndarray, hi: np.ndarray, spacing: Sequence[float], size: Sequence[int] | None,
+                 fit: str = "resize", target: Sequence[float] | None = None) -> Grid:
+    """The output grid for a voxel box ``[lo, hi)`` (axes in x, y, z order).
+
+    ``size=None``: the box itself, resampled to ``target`` spacing if given. ``fit='resize'``: S slices
+    evenly covering the box in z and a square in-plane field of view (the longer side, in mm) scaled
+    to H×W, so organs keep their aspect ratio. ``fit='pad'``: native (or target) spacing, centred on
+    the box, cut or padded to the size.
+    """
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    sp = np.asarray(spacing, float)
+    n = hi - lo
+    centre = (lo + hi - 1) / 2.0
+    if size is None:
+        step = np.ones(3) if target is None else np.asarray(target, float) / sp
+        shape = np.maximum(np.round(n / step), 1).astype(int)
+        origin = centre - step * (shape - 1) / 2.0 if target is not None else lo
+        return Grid(origin, step, tuple(int(v) for v in shape))
+    S, H, W = (int(v) for v in size)
+    shape = np.array([W, H, S])
+    if fit == "resize":
+        side_mm = max(n[0] * sp[0], n[1] * sp[1])
+        step = np.array([side_mm / W / sp[0], side_mm / H / sp[1], n[2] / S])
+    else:
+        step = np.ones(3) if target is None else np.asarray(target, float) / sp
+    origin = centre - step * (shape - 1) / 2.0
+    on_grid = np.isclose(step, 1.0)  # native spacing: stay on source voxels (no half-voxel shift)
+    origin[on_grid] = np.floor(origin[on_grid] + 0.5)
+    return Grid(origin, step, (W, H, S))
+
+
+def _interp_axis(arr: np.ndarray, axis: int, coords: np.ndarray, order: int) -> np.ndarray:
+    """Values of ``arr`` at (clamped) positions ``coords`` along one axis: nearest or linear."""
+    n = arr.shape[axis]
+    c = np.clip(coords, 0, n - 1)
+    if order == 0 or n == 1:
+        return np.take(arr, np.floor(c + 0.5).astype(int), axis=axis)
+    i0 = np.minimum(np.floor(c).astype(int), n - 2)
+    f = (c - i0).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(arr.ndim)])
+    return np.take(arr, i0, axis=axis) * (1 - f) + np.take(arr, i0 + 1, axis=axis) * f
+
+
+def sample(volume: np.ndarray, grid: Grid, order: int, cval: float, clamp_z: bool = False,
+           z_offset: float = 0.0, dtype: type = np.float32) -> np.ndarray:
+    """Values of ``volume`` on ``grid`` (linear for images, nearest for labels); outside = ``cval``.
+
+    The grid is axis-aligned in source voxels, so trilinear interpolation is three 1-D passes, and only
+    the source block the grid touches is read: a 64×64×16 sample of a 512×512×300 CT costs milliseconds.
+    A voxel covers ±0.5 around its centre; positions beyond the volume's outer faces get ``cval``, except
+    along z with ``clamp_z``, where the edge slice is repeated (2.5D neighbours at the first/last slice).
+    """
+    if z_offset == 0 and grid.is_plain_crop(volume.shape):
+        o = np.round(grid.origin).astype(int)
+        block = volume[o[0]:o[0] + grid.shape[0], o[1]:o[1] + grid.shape[1], o[2]:o[2] + grid.shape[2]]
+        return np.asarray(block, dtype=dtype)
+    n = volume.shape[:3]
+    axes = grid.coords()
+    axes[2] = axes[2] + z_offset
+    inside = [(c >= -0.5) & (c <= n[a] - 0.5) for a, c in enumerate(axes)]
+    if clamp_z:
+        axes[2] = np.clip(axes[2], 0, n[2] - 1)
+        inside[2][:] = True
+    if not all(m.any() for m in inside):  # grid entirely outside the volume
+        return np.full(grid.shape, cval, dtype=dtype)
+    lo = [int(np.clip(np.floor(c.min()), 0, n[a] - 1)) for a, c in enumerate(axes)]
+    hi = [int(np.clip(np.floor(c.max()) + 2, lo[a] + 1, n[a])) for a, c in enumerate(axes)]
+    out = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    if order > 0:
+        out = np.asarray(out, dtype=np.float32)
+    for a in np.argsort([len(c) / max(hi[a] - lo[a], 1) for a, c in enumerate(axes)]):  # shrink most first
+        out = _interp_axis(out, int(a), axes[a] - lo[a], order)
+    keep = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    out = np.where(keep, out, cval) if not keep.all() else out
+    return np.asarray(np.rint(out) if order == 0 and np.issubdtype(dtype, np.integer) else out, dtype=dtype)
+
+
+def stack_offsets(k: int, step: float = 1.0) -> np.ndarray:
+    """Slice offsets (source voxels) of a k-slice 2.5D stack centred on the selected slice."""
+    return (np.arange(k) - k // 2) * float(step)
+
+
+def dilate_mm(mask: np.ndarray, spacing: Sequence[float], mm: float) -> np.ndarray:
+    """Mask grown by ``mm`` millimetres (Euclidean, anisotropic spacing respected)."""
+    if mm <= 0 or not mask.any():
+        return mask.astype(bool)
+    return ndimage.distance_transform_edt(~mask.astype(bool), sampling=spacing) <= mm
+
+
+def world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """World (mm) coordinates of voxel indices (N, 3)."""
+    return nib.affines.apply_affine(affine, np.asarray(ijk, float))
+
+
+# ----------------------------------------------------------------------------- class maps and case tables
+
+
+def parse_class_map(raw: dict, task: str = "total") -> dict[int, str]:
+    """{label: name} from {"1": "spleen"}, TotalSegmentator's {"total": {...}}, or an nnU-Net/MSD
+    dataset.json ("labels": {"liver": 1} in v2 or {"1": "liver"} in v1)."""
+    if "labels" in raw and isinstance(raw["labels"], dict):
+        raw = raw["labels"]
+    elif task in raw and isinstance(raw[task], dict):
+        raw = raw[task]
+    out: dict[int, str] = {}
+    for k, v in raw.items():
+        if str(k).lstrip("-").isdigit():
+            out[int(k)] = str(v)
+        elif isinstance(v, int | float) or (isinstance(v, str) and v.isdigit()):
+            out[int(v)] = str(k)
+        elif isinstance(v, list) and v:  # nnU-Net v2 region labels: take the first value
+            out[int(v[0])] = str(k)
+    out.pop(0, None)
+    return out
+
+
+def load_class_map(path: str | Path, task: str = "total") -> dict[int, str]:
+    path = Path(path)
+    try:
+        return parse_class_map(json.loads(path.read_text()), task)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(path, f"unreadable class map ({exc})") from exc
+
+
+def _nii_files(folder: Path, pattern: str = "*.nii*") -> list[Path]:
+    return sorted(p for p in folder.glob(pattern) if p.name.endswith((".nii", ".nii.gz")))
+
+
+def _stem(p: Path) -> str:
+    return p.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def case_row(case_id: str, image: Path | str, mask: Path | str = "", mask_kind: str = "multilabel",
+              class_map: dict | None = None, lesion: Path | str = "", patient_id: str | None = None) -> dict:
+    """One case-table row (for users building their own table; ``mask_kind`` multilabel | folder)."""
+    return {"case_id": case_id, "patient_id": patient_id or case_id, "image": str(image),
+            "mask": str(mask) if mask else "", "mask_kind": mask_kind,
+            "class_map": json.dumps({str(k): v for k, v in (class_map or {}).items()}),
+            "lesion": str(lesion) if lesion else ""}
+
+
+def discover_cases(root: str | Path, layout: str = "auto", image_glob: str = "*.nii*",
+                   task: str = "total") -> pd.DataFrame:
+    """One case table for the usual layouts (columns ``CASE_COLUMNS``; masks are not opened).
+
+    Layouts: ``synthetic`` (``studies.csv`` + ``class_map.json``, as ``lib.synth`` writes),
+    ``nnunet`` (``imagesTr/CASE_0000.nii.gz`` or MSD ``imagesTr/CASE.nii.gz`` + ``labelsTr/CASE.nii.gz``
+    + ``dataset.json``), ``totalseg-dataset`` (``<case>/ct.nii.gz`` + ``<case>/segmentations/<structure>.nii.gz``,
+    TotalSegmentator's default one-file-per-structure output) and ``pairs`` (a folder of CTs and
+    multilabel masks, matched by voxel grid, with a class-map JSON, e.g. ``TotalSegmentator --ml``).
+    A case whose mask is missing stays in the table so the crop step reports it.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "not a folder")
+    if layout == "auto":
+        layout = ("synthetic" if (root / "studies.csv").exists() else
+                  "nnunet" if (root / "imagesTr").is_dir() else
+                  "totalseg-dataset" if any((d / "segmentations").is_dir() for d in root.iterdir() if d.is_dir())
+                  else "pairs")
+    finder = {"synthetic": _discover_synthetic, "nnunet": _discover_nnunet,
+              "totalseg-dataset": _discover_totalseg_dataset, "pairs": _discover_pairs}
+    if layout not in finder:
+        raise ValueError(f"unknown layout {layout!r}; choose from {sorted(finder)} or 'auto'")
+    rows = finder[layout](root, image_glob=image_glob, task=task)
+    return pd.DataFrame(rows, columns=CASE_COLUMNS)
+
+
+def _discover_synthetic(root: Path, **_: object) -> list[dict]:
+    st = pd.read_csv(root / "studies.csv")
+    cmap = load_class_map(root / "class_map.json")
+    has_lesion = "lesion_path" in st
+    return [case_row(r.study_id, root / r.ct_path, root / r.seg_path, "multilabel", cmap,
+                      root / r.lesion_path if has_lesion and isinstance(r.lesion_path, str) else "",
+                      patient_id=r.patient_id) for r in st.itertuples()]
+
+
+def _discover_nnunet(root: Path, image_glob: str = "*.nii*", **_: object) -> list[dict]:
+    meta = root / "dataset.json"
+    if not meta.exists():
+        raise DataError(meta, "nnU-Net/MSD layout without dataset.json (needed for label names)")
+    cmap = load_class_map(meta)
+    rows = []
+    for img in _nii_files(root / "imagesTr", image_glob):
+        stem = _stem(img)
+        if img.name.startswith("._"):  # macOS resource forks shipped in MSD tarballs
+            continue
+        case = stem[:-5] if stem[-5:-4] == "_" and stem[-4:].isdigit() else stem
+        if case != stem and not stem.endswith("_0000"):
+            continue  # other modalities of a multi-channel case
+        rows.append(case_row(case, img, root / "labelsTr" / f"{case}.nii.gz", "multilabel", cmap))
+    return rows
+
+
+def _discover_totalseg_dataset(root: Path, **_: object) -> list[dict]:
+    rows = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        cts = _nii_files(d, "ct.nii*")
+        if cts:
+            rows.append(case_row(d.name, cts[0], d / "segmentations", "folder"))
+    return rows
+
+
+def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total") -> list[dict]:
+    """CTs and multilabel masks in one folder, paired by shape and affine (names are not reliable)."""
+    maps = sorted(root.glob("*.json"))
+    raw = json.loads(maps[0].read_text()) if maps else {}
+    is_mask = lambda p: any(t in _stem(p).lower() for t in ("seg", "label", "mask"))  # noqa: E731
+    masks = [p for p in _nii_files(root) if is_mask(p)]
+    headers = {p: nib.load(str(p)) for p in masks}
+    rows = []
+    for img in (p for p in _nii_files(root, image_glob) if not is_mask(p)):
+        im = nib.load(str(img))
+        match = [m for m, h in headers.items()
+                 if h.shape[:3] == im.shape[:3] and np.allclose(h.affine, im.affine, atol=1e-3)]
+        mask = match[0] if match else root / f"(no mask with the grid of {img.name})"
+        t = "total_mr" if match and _stem(match[0]).endswith("_mr") and "total_mr" in raw else task
+        rows.append(case_row(_stem(img), img, mask, "multilabel", parse_class_map(raw, t) if raw else {}))
+    return rows
+
+
+def organ_of(structure: str) -> str:
+    """Organ name used by the label columns (kidney_left/right -> kidney)."""
+    from lib.synth import ORGAN_STRUCTURES
+
+    for organ, structs in ORGAN_STRUCTURES.items():
+        if structure in structs:
+            return organ
+    return structure
+
+
+# ----------------------------------------------------------------------------- crop one volume
+
+
+@dataclass
+class Crop:
+    """One crop in memory: arrays in LPS voxel order (x, y, z) plus the affine that places them."""
+
+    image: np.ndarray  # HU (x, y, z) float32, or (x, y, z, k) for 25d stacks
+    mask: np.ndarray  # uint8 (x, y, z)
+    lesion: np.ndarray | None
+    affine: np.ndarray
+    spacing: np.ndarray  # (x, y, z) mm
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A case's image (and lesion mask) in LPS voxel order, as views: reoriented once, cropped many times."""
+
+    hu: np.ndarray
+    affine: np.ndarray  # LPS affine
+    ornt: np.ndarray  # source voxel order -> LPS
+    shape: tuple[int, ...]  # source shape
+    lesion: np.ndarray | None = None
+
+    def reorient(self, arr: np.ndarray) -> np.ndarray:
+        return nib.orientations.apply_orientation(np.asanyarray(arr), self.ornt)
+
+
+def prepare(image: nib.Nifti1Image, lesion: np.ndarray | None = None) -> Prepared:
+    ornt = lps_ornt(image.affine)
+    p = Prepared(np.empty(0), lps_affine(image.affine, ornt, image.shape), ornt, tuple(image.shape[:3]))
+    p.hu = p.reorient(image.dataobj)
+    p.lesion = p.reorient(lesion) if lesion is not None else None
+    return p
+
+
+def crop_structure(src: Prepared, mask_lps: np.ndarray, box: tuple[np.ndarray, np.ndarray], params: CropParams,
+                   label: int | None = None) -> Crop:
+    """Crop one structure: ``mask_lps`` is a binary mask, or a label map when ``label`` is given.
+
+    ``box`` is the structure's voxel box in the SOURCE voxel order (what the index reports).
+    """
+    src_sp = voxel_sizes(src.affine)[src.ornt[:, 0].astype(int)]  # spacing in source axis order
+    lo, hi = add_margin(*box, margin_voxels(params.margin_mm, src_sp), src.shape)
+    bbox = ",".join(f"{a}:{b}" for a, b in zip(lo, hi, strict=True))
+    lo, hi = box_to_lps(lo, hi, src.ornt, src.shape)
+    sp = voxel_sizes(src.affine)
+    grid = grid_for_box(lo, hi, sp, params.size if params.fmt == "npz" else None, params.fit, params.spacing)
+    out_sp = grid.step * sp
+    m = sample(mask_lps, grid, 0, 0, dtype=mask_lps.dtype if mask_lps.dtype != bool else np.uint8)
+    m = (m == label) if label is not None else (m > 0)
+    out_l = sample(src.lesion, grid, 0, 0, dtype=np.uint8) if src.lesion is not None else None
+    if out_l is not None and params.lesion_in_organ:
+        out_l = np.where(m, out_l, 0).astype(np.uint8)
+    if params.mode == "25d":
+        offs = stack_offsets(params.k, 1.0 if params.spacing is None else params.spacing[2] / sp[2])
+        img = np.stack([sample(src.hu, grid, 1, AIR_HU, clamp_z=True, z_offset=o) for o in offs], axis=-1)
+    else:
+        img = sample(src.hu, grid, 1, AIR_HU)
+    if params.mode == "seg":
+        img = np.where(dilate_mm(m, out_sp, params.dilate_mm), img, np.float32(params.background_hu))
+    return Crop(img.astype(np.float32), m.astype(np.uint8), out_l, crop_affine(src.affine, grid.origin, grid.step),
+                out_sp, {"bbox": bbox})
+
+
+def crop_volume(image: nib.Nifti1Image, mask: np.ndarray, params: CropParams,
+                lesion: np.ndarray | None = None) -> Crop:
+    """Crop one structure (``mask`` non-zero on the image grid) out of ``image`` (HU); ValueError if empty."""
+    box = bbox_of(mask)
+    if box is None:
+        raise ValueError("empty mask")
+    src = prepare(image, lesion)
+    return crop_structure(src, src.reorient(np.asanyarray(mask) > 0), box, params)
+
+
+def to_sample(crop: Crop, window: str | Sequence[float]) -> dict[str, np.ndarray]:
+    """Training-sample arrays (S, H, W) from a crop: axial slices first, windowed to [0, 1]."""
+    level, width = window_of(window)
+    to_shw = lambda a: np.ascontiguousarray(np.transpose(a, (2, 1, 0)))  # noqa: E731  (x, y, z) -> (z, y, x)
+    out: dict[str, np.ndarray] = {}
+    if crop.image.ndim == 4:  # 25d: (x, y, z, k) -> stack (S, k, H, W); image = centre slice
+        stack = np.transpose(crop.image, (2, 3, 1, 0))
+        out["stack"] = np.ascontiguousarray(apply_window(stack, level, width), dtype=np.float32)
+        out["image"] = np.ascontiguousarray(out["stack"][:, crop.image.shape[3] // 2])
+    else:
+        out["image"] = to_shw(apply_window(crop.image, level, width)).astype(np.float32)
+    out["mask"] = to_shw(crop.mask).astype(np.uint8)
+    if crop.lesion is not None:
+        out["lesion"] = to_shw(crop.lesion).astype(np.uint8)
+    out["spacing"] = crop.spacing[::-1].astype(np.float32)  # (S, H, W) order
+    out["affine"] = crop.affine.astype(np.float64)  # maps (w, h, s) -> world mm
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray], level: int = 1) -> None:
+    """``np.load``-compatible .npz: masks deflated (they shrink ~20×), float images stored as is.
+
+    Why: noisy float32 CT hardly compresses (zlib saves ~10 % at ~40 ms per sample), and writing is
+    most of the crop's cost.
+    """
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, arr in arrays.items():
+            packed = np.issubdtype(np.asarray(arr).dtype, np.integer)
+            with zf.open(zipfile.ZipInfo(f"{name}.npy") if not packed else _deflated(f"{name}.npy", level),
+                         "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
+    _atomic_write(path, buf.getvalue())
+
+
+def _deflated(name: str, level: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info._compresslevel = level  # zipfile has no public per-member level
+    return info
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, level: int = 1) -> None:
+    """NIfTI with sform/qform set from the affine, gzip level 1 (writing dominates otherwise)."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    _atomic_write(path, gzip.compress(img.to_bytes(), compresslevel=level, mtime=0))
+
+
+def write_crop(crop: Crop, params: CropParams, out_dir: Path, rel: str) -> tuple[str, tuple[int, ...]]:
+    """Write one crop; returns (path relative to the crops folder, stored array shape)."""
+    if params.fmt == "npz":
+        arrays = to_sample(crop, params.window)
+        save_npz(out_dir / f"{rel}.npz", arrays)
+        return f"{rel}.npz", arrays["image"].shape
+    data = np.clip(np.rint(crop.image), -32768, 32767).astype(np.int16)
+    save_nifti(out_dir / f"{rel}.nii.gz", data, crop.affine)
+    save_nifti(out_dir / f"{rel}_mask.nii.gz", crop.mask, crop.affine)
+    if crop.lesion is not None:
+        save_nifti(out_dir / f"{rel}_lesion.nii.gz", crop.lesion, crop.affine)
+    return f"{rel}.nii.gz", data.shape
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def _structure_masks(case: dict, image: nib.Nifti1Image, structures: Sequence[str], skipped: SkippedCases
+                     ) -> tuple[dict[str, tuple[np.ndarray, int | None]], np.ndarray | None]:
+    """Per requested structure: (mask, label) where mask is a label map (multilabel) or a binary mask;
+    unknown structure names are recorded. Also the shared label map (None for per-structure files)."""
+    out: dict[str, tuple[np.ndarray, int | None]] = {}
+    if case["mask_kind"] == "folder":
+        folder = Path(case["mask"])
+        if not folder.is_dir():
+            raise DataError(folder, "mask folder not found")
+        valid = sorted(_stem(p) for p in _nii_files(folder))
+        for s in structures:
+            path = folder / f"{s}.nii.gz"
+            if not path.exists():
+                skipped.add(case["case_id"], DataError(folder, _unknown(s, valid)), stage="crop")
+                continue
+            m = load_nifti(path)
+            check_same_grid(image, m, case["image"], path)
+            out[s] = (np.asanyarray(m.dataobj), None)
+        return out, None
+    cmap = {int(k): v for k, v in json.loads(case["class_map"] or "{}").items()}
+    seg = load_nifti(case["mask"])
+    check_same_grid(image, seg, case["image"], case["mask"])
+    labels = np.asanyarray(seg.dataobj)
+    if not np.issubdtype(labels.dtype, np.integer):
+        labels = np.rint(labels).astype(np.int32)
+    index = {v: k for k, v in cmap.items()}
+    for s in structures:
+        if s not in index:
+            skipped.add(case["case_id"], DataError(case["mask"], _unknown(s, sorted(index))), stage="crop")
+            continue
+        out[s] = (labels, index[s])
+    return out, labels
+
+
+def _unknown(structure: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(structure, valid, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown structure {structure!r}{hint}; valid: {', '.join(valid)}"
+
+
+def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path, params: CropParams,
+              name: str) -> tuple[list[dict], SkippedCases]:
+    """Crop every requested structure of one case; bad input becomes skip records, not exceptions."""
+    out_dir = Path(out_dir)
+    skipped = SkippedCases()
+    rows: list[dict] = []
+    cid = case["case_id"]
+    try:
+        if not case.get("mask"):
+            raise DataError(case["image"], "no mask given for this image")
+        image = load_nifti(case["image"])
+        masks, labels = _structure_masks(case, image, structures, skipped)
+        lesion = None
+        if case.get("lesion"):
+            les_img = load_nifti(case["lesion"])
+            check_same_grid(image, les_img, case["image"], case["lesion"])
+            lesion = np.asanyarray(les_img.dataobj)
+    except DataError as exc:
+        skipped.add(cid, exc, stage="crop")
+        return rows, skipped
+    src = prepare(image, lesion)
+    boxes = label_bboxes(labels) if labels is not None else {}
+    lps_labels = src.reorient(labels) if labels is not None else None
+    for s, (m, label) in masks.items():
+        box = boxes.get(label) if label is not None else bbox_of(m)
+        if box is None:
+            where = Path(case["mask"]) / f"{s}.nii.gz" if case["mask_kind"] == "folder" else case["mask"]
+            skipped.add(cid, DataError(where, f"structure {s!r} is empty (organ absent or resected)"), stage="crop")
+            continue
+        crop = crop_structure(src, lps_labels if label is not None else src.reorient(m), box, params, label)
+        rel, shape = write_crop(crop, params, out_dir, f"{name}/{s}/{cid}")
+        sl = tuple(slice(a, b) for a, b in zip(*box, strict=True))  # counts need only the organ's box
+        organ = m[sl] == label if label is not None else m[sl] > 0
+        les_vox = 0
+        if lesion is not None:
+            les_vox = int(np.count_nonzero(lesion[sl][organ]) if params.lesion_in_organ
+                          else np.count_nonzero(lesion[sl]))
+        rows.append({"case_id": cid, "patient_id": case["patient_id"], "structure": s, "organ": organ_of(s),
+                     "mode": params.mode, "path": rel, "shape": "x".join(map(str, shape)),
+                     "spacing": "x".join(f"{v:.3f}" for v in (crop.spacing[::-1] if params.fmt == "npz"
+                                                               else crop.spacing)),
+                     "voxels": int(np.count_nonzero(organ)), "bbox": crop.meta["bbox"], "lesion_voxels": les_vox})
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------- cache + batch
+
+
+def _stat(path: str | Path) -> list:
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return [str(p), None]
+    if p.is_dir():
+        return [str(p), sorted((c.name, c.stat().st_size, c.stat().st_mtime_ns) for c in p.iterdir())]
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+def case_hash(case: dict, structures: Sequence[str], params: CropParams) -> str:
+    """Hash of the inputs' paths, sizes and mtimes plus every parameter: equal hash = same output."""
+    key = {"code": CODE_VERSION, "params": params.as_json(), "structures": list(structures),
+           "case": {k: case.get(k, "") for k in CASE_COLUMNS},
+           "files": [_stat(case[k]) for k in ("image", "mask", "lesion") if case.get(k)]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _manifest_path(out_dir: Path, name: str, case_id: str) -> Path:
+    return out_dir / name / "manifest" / f"{case_id}.json"
+
+
+def _cached(out_dir: Path, name: str, case: dict, digest: str) -> dict | None:
+    path = _manifest_path(out_dir, name, case["case_id"])
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if entry.get("hash") != digest:
+        return None
+    if not all((out_dir / r["path"]).exists() for r in entry.get("rows", [])):
+        return None
+    return entry
+
+
+def run_case(case: dict, structures: Sequence[str], out_dir: str, params: CropParams, name: str,
+             force: bool = False) -> tuple[list[dict], list[dict], bool]:
+    """Worker entry point: cached result when inputs and parameters are unchanged, else crop and record.
+
+    Returns (rows, skip rows, computed).
+    """
+    out = Path(out_dir)
+    digest = case_hash(case, structures, params)
+    if not force and (entry := _cached(out, name, case, digest)) is not None:
+        return entry["rows"], entry["skipped"], False
+    try:
+        rows, skipped = crop_case(case, structures, out, params, name)
+    except Exception as exc:  # a bug or odd file must not kill the batch; it is reported per case
+        skipped = SkippedCases()
+        skipped.add(case["case_id"], f"{type(exc).__name__}: {exc}", stage="crop", path=case.get("image", ""))
+        return [], skipped.rows, True  # not cached: unexpected errors are retried next run
+    entry = {"hash": digest, "rows": rows, "skipped": skipped.rows}
+    _atomic_write(_manifest_path(out, name, case["case_id"]), json.dumps(entry, indent=1).encode())
+    return rows, skipped.rows, True
+
+
+def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | Path, mode: str = "bbox", *,
+                name: str | None = None, workers: int = 1, force: bool = False, progress: bool = True,
+                **params: object) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Crop ``structures`` of every case into ``out_dir/<name>/`` and update ``out_dir/index.csv``.
+
+    ``params`` are :class:`CropParams` fields (margin_mm, size, fit, spacing, window, fmt, k, ...).
+    ``name`` (sub-folder) defaults to the mode for npz samples and ``<mode>3d`` for NIfTI crops.
+    Cases whose inputs and parameters did not change are read from the manifest, not recomputed.
+    Runs in-process for ``workers=1`` and in a process pool otherwise. Returns (index, skipped); the
+    index has one row per written crop (this call's rows), and ``out_dir/index.csv`` keeps other
+    sub-folders' rows.
+    """
+    p = CropParams(mode=mode, **params).validate()  # type: ignore[arg-type]
+    name = name or (p.mode if p.fmt == "npz" else f"{p.mode}3d")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = cases.fillna("").to_dict("records")
+    rows: list[dict] = []
+    skips: list[dict] = []
+    computed = 0
+    bar = tqdm(total=len(records), desc=f"crop {name}", disable=not progress, leave=False)
+    if workers <= 1 or len(records) <= 1:
+        for rec in records:
+            r, s, c = run_case(rec, list(structures), str(out), p, name, force)
+            rows += r
+            skips += s
+            computed += c
+            bar.update()
+    else:
+        ctx = _pool_context()
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futs = [pool.submit(run_case, rec, list(structures), str(out), p, name, force) for rec in records]
+            for fut in as_completed(futs):
+                r, s, c = fut.result()
+                rows += r
+                skips += s
+                computed += c
+                bar.update()
+    bar.close()
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS).sort_values(["structure", "case_id"], ignore_index=True)
+    skipped = pd.DataFrame(skips, columns=["case", "stage", "file", "reason"]).sort_values(
+        ["case", "reason"], ignore_index=True)
+    index.attrs["computed"] = computed
+    _merge_index(out / "index.csv", index, name)
+    skipped.to_csv(out / name / "skipped.csv", index=False)
+    return index, skipped
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """forkserver (no fork of a notebook kernel's threads) with this module preloaded once, so each
+    worker starts in milliseconds instead of re-importing numpy/scipy/nibabel; spawn elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["lib.crop"])
+    return ctx
+
+
+def _merge_index(path: Path, index: pd.DataFrame, name: str) -> None:
+    """Replace this sub-folder's rows in index.csv, keep the others (several modes share one index)."""
+    if path.exists():
+        old = pd.read_csv(path, dtype=str)
+        old = old[~old.path.str.startswith(f"{name}/")]
+        index = pd.concat([old, index.astype(str)], ignore_index=True)
+    _atomic_write(path, index.to_csv(index=False).encode())
+
+
+def read_index(crops_dir: str | Path) -> pd.DataFrame:
+    """``crops/index.csv`` with numeric columns typed."""
+    df = pd.read_csv(Path(crops_dir) / "index.csv")
+    return df.astype({"voxels": int, "lesion_voxels": int})
+
+
+def ensure_crops(run_dir: str | Path | None = None, profile: str = "smoke", seed: int = config.DEFAULT_SEED,
+                 structures: Sequence[str] = DEFAULT_STRUCTURES, mode: str = "bbox", workers: int = 1,
+                 progress: bool = False, **params: object) -> pd.DataFrame:
+    """Crops of the synthetic cohort for ``profile`` in ``run_dir/crops`` (cached); returns the index.
+
+    What the training notebook calls when ``crops/index.csv`` is missing. Writes ``skipped_crop.csv``.
+    """
+    from lib import synth
+
+    run = config.resolve_run_dir(run_dir, profile)
+    cases = discover_cases(synth.ensure_cohort(profile, seed))
+    index, skipped = crop_cohort(cases, structures, run / "crops", mode=mode, workers=workers,
+                                 progress=progress, **params)
+    SkippedCases(skipped.to_dict("records")).save(run / "skipped_crop.csv")
+    return index
+
+
+# ----------------------------------------------------------------------------- checks and figures
+
+
+def load_crop(crops_dir: str | Path, rel: str) -> dict[str, np.ndarray]:
+    """A written crop as arrays: npz keys, or for NIfTI ``image``/``mask``/``lesion`` (x, y, z) + ``affine``."""
+    path = Path(crops_dir) / rel
+    if rel.endswith(".npz"):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    img = nib.load(str(path))
+    out = {"image": np.asanyarray(img.dataobj), "affine": img.affine}
+    for part in ("mask", "lesion"):
+        p = path.with_name(path.name.replace(".nii.gz", f"_{part}.nii.gz"))
+        if p.exists():
+            out[part] = np.asanyarray(nib.load(str(p)).dataobj)
+    return out
+
+
+def overlay_check(crop: dict[str, np.ndarray], source_mask: np.ndarray, source_affine: np.ndarray) -> float:
+    """Fraction of crop voxels whose mask value equals the source mask at the same world position.
+
+    Why: the strongest test that a crop overlays its source (1.0 = perfect) regardless of mode,
+    orientation or resampling. Crop voxels mapping outside the source must be background.
+    """
+    m = crop["mask"]
+    if crop["image"].ndim == 3 and m.shape == crop["image"].shape and "spacing" in crop:  # npz (S, H, W)
+        s, h, w = np.indices(m.shape).reshape(3, -1)
+        ijk = np.stack([w, h, s], 1)
+    else:  # NIfTI (x, y, z)
+        ijk = np.indices(m.shape).reshape(3, -1).T
+    src = nib.affines.apply_affine(np.linalg.inv(source_affine), world(crop["affine"], ijk))
+    shape = np.asarray(source_mask.shape[:3])
+    mine = m.reshape(-1) > 0
+    agree = np.zeros(len(src), bool)
+    # nearest-neighbour at an exact .5 tie may round either way: accept both neighbours there
+    tie = np.abs(src - np.floor(src) - 0.5) < 1e-4
+    for down in itertools.product((False, True), repeat=3):
+        idx = np.where(tie, np.floor(src) + ~np.array(down), np.floor(src + 0.5)).astype(int)
+        inside = ((idx >= 0) & (idx < shape)).all(1)
+        ref = np.zeros(len(src), bool)
+        ref[inside] = source_mask[tuple(idx[inside].T)] > 0
+        agree |= mine == ref
+    return float(agree.mean())
+
+
+def gallery(index: pd.DataFrame, crops_dir: str | Path, n_cases: int = 3, modes: Sequence[str] | None = None
+            ) -> plt.Figure:
+    """Middle slice of each crop with organ (yellow) and lesion (red) contours: structure × (mode, case)."""
+    import matplotlib.pyplot as plt  # lazy: pool workers need not import matplotlib
+    crops_dir = Path(crops_dir)
+    npz = index[index.path.str.endswith(".npz")]
+    modes = list(modes or sorted(npz["mode"].unique()))
+    structs = list(dict.fromkeys(npz.structure))
+    cases = list(dict.fromkeys(npz.sort_values("lesion_voxels", ascending=False).case_id))[:n_cases]
+    cols = [(m, c) for m in modes for c in cases]
+    fig, axes = plt.subplots(len(structs), len(cols), figsize=(1.6 * len(cols), 1.7 * len(structs)), squeeze=False)
+    for i, s in enumerate(structs):
+        for j, (m, c) in enumerate(cols):
+            ax = axes[i, j]
+            ax.set_axis_off()
+            hit = npz[(npz.structure == s) & (npz["mode"] == m) & (npz.case_id == c)]
+            if hit.empty:
+                continue
+            a = load_crop(crops_dir, hit.path.iloc[0])
+            z = int(np.argmax(a["mask"].reshape(len(a["mask"]), -1).sum(1)))
+            ax.imshow(a["image"][z], cmap="gray", vmin=0, vmax=1)
+            if a["mask"][z].any():
+                ax.contour(a["mask"][z], levels=[0.5], colors="yellow", linewidths=0.8)
+            if "lesion" in a and a["lesion"][z].any():
+                ax.contour(a["lesion"][z] > 0, levels=[0.5], colors="red", linewidths=0.8)
+            if i == 0:
+                ax.set_title(f"{m}\n{c}", fontsize=7)
+            if j == 0:
+                ax.text(-4, a["image"].shape[1] / 2, s, rotation=90, va="center", ha="right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def crop_sizes(index: pd.DataFrame) -> pd.DataFrame:
+    """Physical crop size (mm) along x, y, z of each crop, from the source box and output spacing.
+
+    The box is the source voxel box with margin; its extent in mm is box size × source spacing, which
+    equals stored shape × spacing for native NIfTI crops (rows with ``.nii.gz`` paths).
+    """
+    nii = index[index.path.str.endswith(".nii.gz")].copy()
+    sp = nii.spacing.str.split("x", expand=True).astype(float)
+    sh = nii["shape"].str.split("x", expand=True).astype(float)
+    for a, ax in enumerate("xyz"):
+        nii[f"{ax}_mm"] = sh[a] * sp[a]
+    return nii

@@ -1,0 +1,351 @@
+"""Organ crops: geometry (affine, margins, 2.5D edges), layouts, caching and bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import crop
+from tests.conftest import shared
+
+# An oblique-free but awkward grid: x flipped, y/z swapped, anisotropic spacing, odd origin (not RAS).
+AFFINE = np.array([[-2.0, 0.0, 0.0, 40.0],
+                   [0.0, 0.0, 3.0, -70.0],
+                   [0.0, 2.5, 0.0, 12.5],
+                   [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (30, 28, 24)
+# A 3-cycle of axes (i -> y, j -> z, k -> x) catches code that confuses a permutation with its inverse.
+CYCLIC = np.array([[0.0, 0.0, 1.8, -30.0],
+                   [-2.2, 0.0, 0.0, 55.0],
+                   [0.0, 3.1, 0.0, -8.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+
+
+def _ramp(affine: np.ndarray = AFFINE, shape: tuple = SHAPE) -> np.ndarray:
+    """HU that is a linear function of world position: any correct crop/resample reproduces it exactly."""
+    ijk = np.indices(shape).reshape(3, -1).T
+    xyz = nib.affines.apply_affine(affine, ijk)
+    return (xyz @ np.array([1.5, -0.7, 0.9]) - 20.0).reshape(shape).astype(np.float32)
+
+
+def _ramp_at(xyz: np.ndarray) -> np.ndarray:
+    return xyz @ np.array([1.5, -0.7, 0.9]) - 20.0
+
+
+def _box_mask(lo=(10, 8, 6), hi=(18, 15, 12), shape=SHAPE) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    return m
+
+
+def _img(arr: np.ndarray, affine: np.ndarray = AFFINE) -> nib.Nifti1Image:
+    return nib.Nifti1Image(arr, affine)
+
+
+def _save(arr: np.ndarray, path: Path, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+    return path
+
+
+def _crop_world(c: crop.Crop) -> np.ndarray:
+    ijk = np.indices(c.image.shape[:3]).reshape(3, -1).T
+    return crop.world(c.affine, ijk)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("affine", [AFFINE, CYCLIC], ids=["swapped", "cyclic"])
+@pytest.mark.parametrize("params", [
+    crop.CropParams(fmt="nifti"),                       # plain slicing, LPS reorientation
+    crop.CropParams(fmt="nifti", spacing=(1.7, 2.2, 4.0)),  # resampled
+    crop.CropParams(),                                   # fixed 16x64x64 training sample
+    crop.CropParams(fit="pad", size=(8, 20, 20)),
+], ids=["nifti", "resampled", "fixed", "pad"])
+def test_crop_keeps_world_coordinates(params, affine):
+    """Every crop voxel holds the source value at the same world position (linear ramp => exact)."""
+    hu = _ramp(affine)
+    c = crop.crop_volume(_img(hu, affine), _box_mask(), params.validate())
+    xyz = _crop_world(c)
+    vals = c.image.reshape(-1)
+    src = nib.affines.apply_affine(np.linalg.inv(affine), xyz)
+    within = ((src >= 0) & (src <= np.array(SHAPE) - 1)).all(1)
+    beyond = ~((src >= -0.5) & (src <= np.array(SHAPE) - 0.5)).all(1)
+    assert within.mean() > 0.5
+    np.testing.assert_allclose(vals[within], _ramp_at(xyz[within]), atol=1e-3)
+    assert np.all(vals[beyond] == crop.AIR_HU)
+    # the mask overlays the source mask at the same world positions
+    assert crop.overlay_check({"image": c.image, "mask": c.mask, "affine": c.affine}, _box_mask(), affine) == 1.0
+
+
+def test_plain_crop_voxel_identity_and_mask_overlay():
+    """A voxel of the source and the crop voxel at the same world point have identical values."""
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, SHAPE).astype(np.int16)
+    mask = _box_mask()
+    c = crop.crop_volume(_img(hu), mask, crop.CropParams(fmt="nifti", margin_mm=5.0))
+    src = np.rint(nib.affines.apply_affine(np.linalg.inv(AFFINE), _crop_world(c))).astype(int)
+    np.testing.assert_array_equal(c.image.reshape(-1), hu[tuple(src.T)])
+    assert crop.overlay_check({"image": c.image, "mask": c.mask, "affine": c.affine}, mask, AFFINE) == 1.0
+    # the crop's voxel order is LPS whatever the source was
+    assert nib.aff2axcodes(c.affine) == ("L", "P", "S")
+
+
+def test_sample_npz_axes_follow_documented_convention(tmp_path):
+    """image[s, h, w] is voxel (w, h, s) of the stored affine: checked through a written sample."""
+    hu = _ramp()
+    c = crop.crop_volume(_img(hu), _box_mask(), crop.CropParams(size=(6, 10, 12), window=(0, 400)))
+    arrays = crop.to_sample(c, (0, 400))
+    crop.save_npz(tmp_path / "a.npz", arrays)
+    with np.load(tmp_path / "a.npz") as z:
+        img, aff, sp = z["image"], z["affine"], z["spacing"]
+    assert img.shape == (6, 10, 12) and img.dtype == np.float32 and img.min() >= 0 and img.max() <= 1
+    s, h, w = 2, 3, 7
+    hu_expected = _ramp_at(crop.world(aff, np.array([[w, h, s]])))[0]
+    assert img[s, h, w] == pytest.approx(np.clip((hu_expected + 200) / 400, 0, 1), abs=1e-4)
+    np.testing.assert_allclose(sp, crop.voxel_sizes(aff)[::-1], rtol=1e-5)
+
+
+def test_margin_in_mm_per_axis():
+    sp = crop.voxel_sizes(AFFINE)  # (2, 2.5, 3) mm: axes 1 and 2 are swapped in the affine
+    np.testing.assert_allclose(sp, [2.0, 2.5, 3.0])
+    np.testing.assert_array_equal(crop.margin_voxels(10.0, sp), [5, 4, 4])
+    np.testing.assert_array_equal(crop.margin_voxels((4.0, 5.0, 6.0), sp), [2, 2, 2])
+    lo, hi = crop.add_margin(np.array([10, 8, 6]), np.array([18, 15, 12]), crop.margin_voxels(10.0, sp), SHAPE)
+    np.testing.assert_array_equal(lo, [5, 4, 2])
+    np.testing.assert_array_equal(hi, [23, 19, 16])
+    # clipped at the volume
+    lo, hi = crop.add_margin(np.array([1, 0, 20]), np.array([4, 3, 24]), crop.margin_voxels(10.0, sp), SHAPE)
+    np.testing.assert_array_equal(lo, [0, 0, 16])
+    np.testing.assert_array_equal(hi, [9, 7, 24])
+
+
+@pytest.mark.parametrize("affine", [AFFINE, CYCLIC], ids=["swapped", "cyclic"])
+def test_margin_in_world_space(affine):
+    """The crop reaches at least margin_mm beyond the mask on each side, and less than one voxel more."""
+    mask = _box_mask()
+    c = crop.crop_volume(_img(_ramp(affine), affine), mask, crop.CropParams(fmt="nifti", margin_mm=7.0))
+    mask_xyz = crop.world(affine, np.argwhere(mask))
+    crop_xyz = _crop_world(c)
+    for ax in range(3):
+        below = mask_xyz[:, ax].min() - crop_xyz[:, ax].min()
+        above = crop_xyz[:, ax].max() - mask_xyz[:, ax].max()
+        step = crop.voxel_sizes(c.affine)[ax]
+        assert 7.0 <= below < 7.0 + step and 7.0 <= above < 7.0 + step, (ax, below, above)
+
+
+def test_25d_stacks_repeat_edge_slices():
+    """Neighbours beyond the first/last slice repeat the edge slice; inside they are the next slices."""
+    hu = np.zeros((12, 12, 5), np.float32) + np.arange(5, dtype=np.float32) * 100  # slice z has HU 100*z
+    mask = np.zeros(hu.shape, bool)
+    mask[4:8, 4:8, :] = True  # organ spans the whole z range
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    c = crop.crop_volume(_img(hu, aff), mask, crop.CropParams(mode="25d", k=3, size=None, margin_mm=0))
+    assert c.image.shape == (4, 4, 5, 3)
+    z_values = c.image[0, 0]  # (z, k): one value per slice and channel
+    np.testing.assert_allclose(z_values[0], [0, 0, 100])  # first slice: below is clamped
+    np.testing.assert_allclose(z_values[2], [100, 200, 300])
+    np.testing.assert_allclose(z_values[-1], [300, 400, 400])  # last slice: above is clamped
+    arrays = crop.to_sample(c, (500, 1000))
+    assert arrays["stack"].shape == (5, 3, 4, 4) and arrays["image"].shape == (5, 4, 4)
+    np.testing.assert_array_equal(arrays["image"], arrays["stack"][:, 1])
+
+
+def test_25d_k5_at_edge_of_fixed_size_sample():
+    hu = np.zeros((20, 20, 6), np.float32) + np.arange(6, dtype=np.float32)[None, None] * 10
+    mask = np.zeros(hu.shape, bool)
+    mask[5:15, 5:15, 0:2] = True  # organ on the first two slices only
+    c = crop.crop_volume(_img(hu, np.eye(4)), mask, crop.CropParams(mode="25d", k=5, size=(2, 8, 8), margin_mm=0))
+    np.testing.assert_allclose(c.image[4, 4, 0], [0, 0, 0, 10, 20])  # slices -2, -1 repeat slice 0
+    np.testing.assert_allclose(c.image[4, 4, 1], [0, 0, 10, 20, 30])
+
+
+def test_seg_mode_blanks_outside_dilated_mask():
+    hu = np.full(SHAPE, 50, np.int16)
+    mask = _box_mask()
+    c = crop.crop_volume(_img(hu), mask, crop.CropParams(mode="seg", fmt="nifti", margin_mm=15, dilate_mm=3.0,
+                                                         background_hu=-1000))
+    near = crop.dilate_mm(c.mask > 0, crop.voxel_sizes(c.affine), 3.0)
+    assert (c.image[near] == 50).all() and (c.image[~near] == -1000).all() and (~near).any()
+
+
+def test_bbox_helpers():
+    m = _box_mask()
+    lo, hi = crop.bbox_of(m)
+    np.testing.assert_array_equal(lo, [10, 8, 6])
+    np.testing.assert_array_equal(hi, [18, 15, 12])
+    assert crop.bbox_of(np.zeros((3, 3, 3))) is None
+    lab = m.astype(np.uint8) * 5
+    lab[0:2, 0:2, 0:2] = 2
+    boxes = crop.label_bboxes(lab)
+    assert set(boxes) == {2, 5}
+    np.testing.assert_array_equal(boxes[5][0], [10, 8, 6])
+
+
+def test_parse_class_map_formats():
+    assert crop.parse_class_map({"1": "spleen", "2": "liver"}) == {1: "spleen", 2: "liver"}
+    assert crop.parse_class_map({"total": {"5": "liver"}, "total_mr": {"1": "x"}}, "total") == {5: "liver"}
+    assert crop.parse_class_map({"labels": {"background": 0, "liver": 1, "tumour": 2}}) == {1: "liver", 2: "tumour"}
+    assert crop.parse_class_map({"labels": {"0": "background", "1": "pancreas"}}) == {1: "pancreas"}
+
+
+# ----------------------------------------------------------------------------- batch, layouts, cache
+
+
+def _labels(shape=SHAPE) -> np.ndarray:
+    lab = np.zeros(shape, np.uint8)
+    lab[_box_mask(shape=shape)] = 5  # liver
+    lab[_box_mask((2, 2, 2), (7, 6, 5), shape)] = 1  # spleen
+    return lab
+
+
+CMAP = {1: "spleen", 5: "liver", 4: "gallbladder"}
+
+
+def test_crop_cohort_index_and_cache(tmp_path):
+    img = _save(_ramp().astype(np.int16), tmp_path / "in" / "a_ct.nii.gz")
+    seg = _save(_labels(), tmp_path / "in" / "a_seg.nii.gz")
+    les = np.zeros(SHAPE, np.uint8)
+    les[12:14, 10:12, 8:9] = 1
+    les[3, 3, 3] = 2  # a lesion of another organ (spleen): not part of the liver crop
+    les_p = _save(les, tmp_path / "in" / "a_les.nii.gz")
+    cases = pd.DataFrame([crop.case_row("a", img, seg, "multilabel", CMAP, les_p, patient_id="P1")])
+    out = tmp_path / "crops"
+    index, skipped = crop.crop_cohort(cases, ["liver", "spleen"], out, progress=False)
+    assert skipped.empty and index.attrs["computed"] == 1
+    assert list(index.columns) == crop.INDEX_COLUMNS and len(index) == 2
+    liver = index.set_index("structure").loc["liver"]
+    assert liver.voxels == _box_mask().sum() and liver.lesion_voxels == 4 and liver.patient_id == "P1"
+    assert liver.bbox == "5:23,4:19,2:16" and liver["shape"] == "16x64x64"
+    with np.load(out / liver.path) as z:
+        assert z["image"].shape == z["mask"].shape == z["lesion"].shape == (16, 64, 64)
+        assert z["lesion"].max() == 1  # the spleen's lesion was dropped from the liver crop
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
+
+    again, _ = crop.crop_cohort(cases, ["liver", "spleen"], out, progress=False)
+    assert again.attrs["computed"] == 0
+    pd.testing.assert_frame_equal(again, index)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} == written
+
+    os.utime(seg, ns=(seg.stat().st_atime_ns, seg.stat().st_mtime_ns + 10**9))  # input touched
+    assert crop.crop_cohort(cases, ["liver", "spleen"], out, progress=False)[0].attrs["computed"] == 1
+    changed, _ = crop.crop_cohort(cases, ["liver", "spleen"], out, margin_mm=3.0, progress=False)  # new param
+    assert changed.attrs["computed"] == 1 and changed.set_index("structure").loc["liver"].bbox != liver.bbox
+
+    (out / liver.path).unlink()  # an output deleted by hand is rewritten
+    assert crop.crop_cohort(cases, ["liver", "spleen"], out, margin_mm=3.0, progress=False)[0].attrs["computed"] == 1
+
+    crop.crop_cohort(cases, ["liver"], out, mode="bbox", fmt="nifti", progress=False)  # another sub-folder
+    full = crop.read_index(out)
+    assert set(full.path.str.split("/").str[0]) == {"bbox", "bbox3d"} and len(full) == 3
+
+
+def test_bad_inputs_are_skipped_with_reasons(tmp_path):
+    d = tmp_path / "in"
+    good_img = _save(_ramp().astype(np.int16), d / "good.nii.gz")
+    good_seg = _save(_labels(), d / "good_seg.nii.gz")
+    other = _labels()
+    other[_box_mask()] = 0  # liver absent
+    rows = [
+        crop.case_row("good", good_img, good_seg, "multilabel", CMAP),
+        crop.case_row("no_mask_file", good_img, d / "missing_seg.nii.gz", "multilabel", CMAP),
+        crop.case_row("no_mask_given", good_img, "", "multilabel", CMAP),
+        crop.case_row("shape", good_img, _save(_labels((30, 28, 20)), d / "shape_seg.nii.gz"), "multilabel", CMAP),
+        crop.case_row("affine", good_img, _save(_labels(), d / "aff_seg.nii.gz", AFFINE + np.diag([0, 0, 0.5, 0])),
+                      "multilabel", CMAP),
+        crop.case_row("empty", good_img, _save(other, d / "empty_seg.nii.gz"), "multilabel", CMAP),
+    ]
+    corrupt = d / "corrupt.nii.gz"
+    corrupt.write_bytes(gzip.compress(nib.Nifti1Image(_ramp(), AFFINE).to_bytes())[:4000])
+    rows.append(crop.case_row("corrupt", corrupt, good_seg, "multilabel", CMAP))
+    nan = _ramp()
+    nan[3, 3, 3] = np.nan
+    rows.append(crop.case_row("nan", _save(nan, d / "nan.nii.gz"), good_seg, "multilabel", CMAP))
+    index, skipped = crop.crop_cohort(pd.DataFrame(rows), ["liver", "livr"], tmp_path / "crops", progress=False)
+    assert list(index.case_id.unique()) == ["good"] and list(index.structure) == ["liver"]
+    reason = skipped.groupby("case").reason.apply(" | ".join)
+    files = skipped.set_index("case").file
+    assert "file not found" in reason["no_mask_file"] and "missing_seg" in files["no_mask_file"]
+    assert "no mask" in reason["no_mask_given"]
+    assert "shape" in reason["shape"]
+    assert "affine" in reason["affine"]
+    assert "'liver' is empty" in reason["empty"]
+    assert "truncated" in reason["corrupt"] or "unreadable" in reason["corrupt"]
+    assert "NaN" in reason["nan"]
+    assert "unknown structure 'livr' (did you mean liver?)" in reason["good"] and "spleen" in reason["good"]
+    assert set(skipped.stage) == {"crop"}
+    for f in d.iterdir():  # raw inputs untouched
+        assert f.stat().st_size > 0
+
+
+def test_totalseg_folder_and_nnunet_layouts(tmp_path):
+    # TotalSegmentator default output: one binary file per structure
+    root = tmp_path / "ts"
+    _save(_ramp().astype(np.int16), root / "s01" / "ct.nii.gz")
+    _save(_box_mask().astype(np.uint8), root / "s01" / "segmentations" / "liver.nii.gz")
+    _save(np.zeros(SHAPE, np.uint8), root / "s01" / "segmentations" / "gallbladder.nii.gz")
+    cases = crop.discover_cases(root)
+    assert list(cases.mask_kind) == ["folder"] and cases.case_id.tolist() == ["s01"]
+    index, skipped = crop.crop_cohort(cases, ["liver", "gallbladder", "spleen"], tmp_path / "c1", progress=False)
+    assert index.structure.tolist() == ["liver"]
+    reason = " | ".join(skipped.reason)
+    assert "'gallbladder' is empty" in reason and "unknown structure 'spleen'" in reason
+
+    # nnU-Net / MSD: imagesTr/CASE_0000 + labelsTr/CASE + dataset.json (v2 label order)
+    nn = tmp_path / "Dataset001"
+    _save(_ramp().astype(np.int16), nn / "imagesTr" / "liv_001_0000.nii.gz")
+    _save(_ramp().astype(np.int16), nn / "imagesTr" / "liv_001_0001.nii.gz")  # second channel: ignored
+    _save(_labels(), nn / "labelsTr" / "liv_001.nii.gz")
+    _save(_ramp().astype(np.int16), nn / "imagesTr" / "liv_002_0000.nii.gz")  # label missing
+    (nn / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "spleen": 1, "liver": 5}}))
+    cases = crop.discover_cases(nn)
+    assert cases.case_id.tolist() == ["liv_001", "liv_002"]
+    index, skipped = crop.crop_cohort(cases, ["liver"], tmp_path / "c2", progress=False)
+    assert index.case_id.tolist() == ["liv_001"]
+    assert skipped.case.tolist() == ["liv_002"] and "file not found" in skipped.reason[0]
+
+
+def test_two_workers_match_one(tmp_path, smoke_cohort):
+    cases = crop.discover_cases(smoke_cohort).head(3)
+    one, _ = crop.crop_cohort(cases, ["liver", "spleen"], tmp_path / "w1", progress=False, workers=1)
+    two, _ = crop.crop_cohort(cases, ["liver", "spleen"], tmp_path / "w2", progress=False, workers=2)
+    pd.testing.assert_frame_equal(one, two)
+    for rel in one.path:
+        a, b = crop.load_crop(tmp_path / "w1", rel), crop.load_crop(tmp_path / "w2", rel)
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_synthetic_cohort_every_organ_and_overlay(tmp_path, smoke_cohort):
+    cases = crop.discover_cases(smoke_cohort)
+    index, skipped = crop.crop_cohort(cases, crop.DEFAULT_STRUCTURES, tmp_path, mode="seg", progress=False)
+    assert skipped.empty and len(index) == len(cases) * len(crop.DEFAULT_STRUCTURES)
+    assert (index.lesion_voxels > 0).any()
+    row = index.iloc[0]
+    case = cases.set_index("case_id").loc[row.case_id]
+    seg = nib.load(case["mask"])
+    label = {v: int(k) for k, v in json.loads(case["class_map"]).items()}[row.structure]
+    agree = crop.overlay_check(crop.load_crop(tmp_path, row.path), np.asanyarray(seg.dataobj) == label, seg.affine)
+    assert agree == 1.0
+
+
+def test_real_totalsegmentator_example(tmp_path):
+    root = shared("ct-totalseg")
+    cases = crop.discover_cases(root, image_glob="example_ct*.nii.gz")
+    by_id = cases.set_index("case_id")
+    assert by_id.loc["example_ct_sm", "mask"].endswith("example_seg.nii.gz")  # paired by grid, not by name
+    index, skipped = crop.crop_cohort(cases, ["liver", "pancreas", "kidney_left"], tmp_path, fmt="nifti",
+                                      progress=False)
+    assert set(index.structure) == {"liver", "pancreas", "kidney_left"}
+    assert "example_ct" in set(skipped.case)  # the 112-slice CT has no mask with its grid
+    liver = index.set_index("structure").loc["liver"]
+    assert liver.voxels == 38634  # matches the count in ../shared/data/README.md
+    seg = nib.load(by_id.loc["example_ct_sm", "mask"])
+    assert crop.overlay_check(crop.load_crop(tmp_path, liver.path), np.asanyarray(seg.dataobj) == 5, seg.affine) == 1.0
