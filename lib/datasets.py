@@ -1,0 +1,393 @@
+"""Datasets for training: organ crops joined with labels, and folders/tables of 2D images.
+
+Why: every source is decoded, resized and stacked ONCE into an in-memory tensor (``CachedDataset``),
+so an epoch costs indexing plus MONAI augmentation, and the data loader is never the bottleneck on
+these small sets. The table beside the tensor (``dataset.table``) keeps case/patient/path columns
+for grouped splits and prediction tables.
+
+Input kinds for a crop ``(S, H, W)``: ``2d`` = the middle slice; ``25d`` = ``k`` neighbouring slices
+as channels; ``slab`` = ``S`` evenly spaced slices over the organ as channels (the whole organ in one 2D
+input: study-level labels do not say which slice holds the lesion); ``3d`` = ``(1, D, H, W)`` for 3D
+networks. All go through ``lib.imageio.preprocess``, the same code the serving stage runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lib.io import DataError, SkippedCases
+
+INPUT_KINDS = ("2d", "25d", "slab", "3d")
+
+
+# ----------------------------------------------------------------------------- cached dataset
+
+
+@dataclass
+class CachedDataset(Dataset):
+    """Inputs ``x`` (N, C, ...) and targets ``y`` held in memory, with per-sample MONAI augmentation."""
+
+    x: Tensor
+    y: Tensor
+    table: pd.DataFrame
+    label_names: list[str]
+    task: str
+    transform: Callable | None = None
+    preprocessing: dict = field(default_factory=dict)
+    skipped: SkippedCases = field(default_factory=SkippedCases)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.x[i]
+        if self.transform is not None:
+            x = torch.as_tensor(self.transform(x)).float()
+        return x, self.y[i]
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names) if self.task != "binary" else 1
+
+    def set_random_state(self, seed: int) -> None:
+        """Re-seed the augmentation (``fit`` calls this every epoch so resumed runs replay the same draws)."""
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=seed % 2**32)
+
+    def subset(self, idx: Sequence[int] | np.ndarray, transform: Callable | None = None) -> CachedDataset:
+        """Rows ``idx`` (a fold) sharing the cache, optionally with another transform (none for validation)."""
+        idx = np.asarray(idx, dtype=int)
+        return CachedDataset(self.x[idx], self.y[idx], self.table.iloc[idx].reset_index(drop=True), self.label_names,
+                             self.task, transform, self.preprocessing, self.skipped)
+
+    def targets_numpy(self) -> np.ndarray:
+        return self.y.numpy()
+
+
+def make_augment(kind: str | None = "light", spatial_dims: int = 2, seed: int = 0) -> Callable | None:
+    """MONAI augmentation by name: ``none``, ``light`` (flips), ``medium`` (+ rotation, intensity), ``elastic``."""
+    if kind in (None, "none", ""):
+        return None
+    from monai import transforms as mt
+
+    if kind not in ("light", "medium", "elastic"):
+        raise ValueError(f"augment must be none|light|medium|elastic, got {kind!r}")
+    ops: list = [mt.RandFlip(prob=0.5, spatial_axis=spatial_dims - 1)]
+    if kind in ("medium", "elastic"):
+        ops += [mt.RandRotate(range_x=0.2, prob=0.5, padding_mode="zeros") if spatial_dims == 2
+                else mt.RandRotate(range_z=0.2, prob=0.5, padding_mode="zeros"),
+                mt.RandScaleIntensity(factors=0.1, prob=0.5, channel_wise=False),
+                mt.RandShiftIntensity(offsets=0.05, prob=0.5)]
+    if kind == "elastic" and spatial_dims == 2:
+        ops.append(mt.Rand2DElastic(spacing=(16, 16), magnitude_range=(0.5, 1.5), prob=0.3, padding_mode="zeros"))
+    compose = mt.Compose(ops, lazy=False)
+    compose.set_random_state(seed=seed)
+    return _PlainTensor(compose)
+
+
+class _PlainTensor:
+    """Wraps a MONAI Compose so workers return plain tensors (no MetaTensor overhead in collate)."""
+
+    def __init__(self, compose) -> None:
+        self.compose = compose
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = self.compose(x)
+        return out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+
+    def set_random_state(self, seed: int) -> None:
+        self.compose.set_random_state(seed=seed)
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def load_labels(source: str = "reports", run_dir: str | Path | None = None,
+                cohort_dir: str | Path | None = None) -> pd.DataFrame:
+    """Study labels: ``run_dir/labels.csv`` from the report stage, or ``cohort_dir/ground_truth/labels.csv``."""
+    if source == "reports":
+        path = Path(run_dir or ".") / "labels.csv"
+    elif source == "truth":
+        path = Path(cohort_dir or ".") / "ground_truth" / "labels.csv"
+    else:
+        raise ValueError(f"label source must be reports|truth, got {source!r}")
+    if not path.exists():
+        raise DataError(path, "labels file not found")
+    df = pd.read_csv(path)
+    if "study_id" not in df:
+        raise DataError(path, f"no study_id column (columns: {list(df.columns)})")
+    return df
+
+
+def binary_targets(values: pd.Series, uncertain: str = "ignore") -> pd.Series:
+    """1/0/-1/blank -> 1.0/0.0/NaN under the uncertain policy (NaN rows are dropped for binary tasks)."""
+    v = pd.to_numeric(values, errors="coerce").astype(float)
+    if uncertain == "positive":
+        return v.replace(-1.0, 1.0)
+    if uncertain == "negative":
+        return v.replace(-1.0, 0.0)
+    if uncertain == "ignore":
+        return v.where(v != -1.0)
+    raise ValueError(f"uncertain policy must be ignore|positive|negative, got {uncertain!r}")
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def crop_to_input(image: np.ndarray, mask: np.ndarray | None = None, kind: str = "slab", n_slices: int = 8,
+                  size: int = 64, mask_mode: str = "none") -> np.ndarray:
+    """One crop ``(S, H, W)`` in [0, 1] -> network input via the shared ``lib.imageio.preprocess`` (train == serve).
+
+    ``2d`` = middle slice, ``25d`` = ``n_slices`` around it, ``slab`` = ``n_slices`` evenly spaced over the crop
+    (crops are cut to the organ's box, so that spans the organ), ``3d`` = ``(1, n_slices, size, size)``.
+    ``mask_mode='multiply'`` blanks voxels outside the organ mask first.
+    """
+    from lib import imageio
+
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {kind!r}")
+    if mask is not None and mask_mode == "multiply":
+        image = image * (mask > 0)
+    return imageio.preprocess(image, crop_spec(kind, n_slices, size))
+
+
+def crop_spec(kind: str = "slab", n_slices: int = 8, size: int = 64) -> dict:
+    """The ``preprocess`` spec of a crop input (stored in checkpoints; crops are already windowed to [0, 1])."""
+    channels = {"2d": 1, "25d": n_slices, "slab": n_slices, "3d": 1}[kind]
+    return {"kind": kind, "n_slices": n_slices, "channels": channels, "size": size, "normalise": "none"}
+
+
+def read_crop(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` and ``mask`` of a crop ``.npz`` with clear errors for missing/corrupt/odd files."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "crop file not found")
+    try:
+        with np.load(path) as z:
+            image = np.asarray(z["image"], dtype=np.float32)
+            mask = np.asarray(z["mask"]) if "mask" in z.files else None
+    except KeyError as exc:
+        raise DataError(path, "crop npz has no 'image' array") from exc
+    except Exception as exc:  # zipfile/pickle/EOF errors
+        raise DataError(path, f"unreadable crop npz ({type(exc).__name__}: {exc})") from exc
+    if image.ndim != 3 or min(image.shape) == 0:
+        raise DataError(path, f"crop image must be a non-empty (S, H, W) array, got {image.shape}")
+    if not np.isfinite(image).all():
+        raise DataError(path, "crop image has NaN/inf values")
+    if mask is not None and mask.shape != image.shape:
+        raise DataError(path, f"crop mask shape {mask.shape} differs from image {image.shape}")
+    return image, mask
+
+
+def _label_of_row(frame: pd.DataFrame, template: str) -> pd.Series:
+    """Per-row value of the column ``template.format(organ=row.organ)`` (e.g. ``{organ}_abnormal``)."""
+    cols = frame["organ"].map(lambda o: template.format(organ=o))
+    out = pd.Series(np.nan, index=frame.index, dtype=float)
+    for col in cols.unique():
+        if col in frame:
+            rows = cols == col
+            out[rows] = pd.to_numeric(frame.loc[rows, col], errors="coerce")
+    return out
+
+
+def crop_dataset(crops_dir: str | Path, labels: pd.DataFrame, label_cols: Sequence[str] | str = "{organ}_abnormal",
+                 organ: str | None = None, task: str = "binary", kind: str = "slab", n_slices: int = 8,
+                 size: int = 64, mask_mode: str = "none", uncertain: str = "ignore",
+                 truth: pd.DataFrame | None = None, transform: Callable | None = None,
+                 index: pd.DataFrame | None = None, mode: str | None = None) -> CachedDataset:
+    """Crops listed in ``crops_dir/index.csv`` joined with study labels and decoded into memory.
+
+    ``label_cols``: a template like ``"{organ}_abnormal"`` (binary: each crop gets its own organ's label, so
+    ``organ=None`` trains one organ-agnostic anomaly classifier) or a list of columns (multi-label / one
+    binary column). Crops without a labels row, with a blank (or, under ``ignore``, uncertain) binary label,
+    or with an unreadable file are skipped and listed in ``dataset.skipped``. ``truth`` (ground-truth labels,
+    synthetic cohort only) adds ``truth`` columns so models trained on report labels are scored on the truth.
+    """
+    crops_dir = Path(crops_dir)
+    if index is None:
+        index_path = crops_dir / "index.csv"
+        if not index_path.exists():
+            raise DataError(index_path, "crop index not found (run notebook 02 / lib.crop.ensure_crops first)")
+        index = pd.read_csv(index_path)
+    table = index[index["path"].astype(str).str.endswith(".npz")]
+    if mode is not None:
+        table = table[table["mode"] == mode]
+    if organ is not None:
+        table = table[table["organ"] == organ]
+    if table.empty:
+        raise DataError(crops_dir / "index.csv", f"no npz crops for organ {organ!r} (mode {mode!r})")
+    template = label_cols if isinstance(label_cols, str) else None
+    cols = list(label_cols) if template is None else sorted({template.format(organ=o) for o in table["organ"]})
+    missing = [c for c in cols if c not in labels]
+    if missing:
+        raise DataError("labels.csv", f"label columns {missing} not found (have {list(labels.columns)})")
+    lab = labels[["study_id", *cols]].drop_duplicates("study_id")
+    table = table.merge(lab, left_on="case_id", right_on="study_id", how="left", indicator=True)
+    skipped = SkippedCases()
+    for case in table.loc[table["_merge"] == "left_only", "case_id"]:
+        skipped.add(str(case), f"no labels row for study {case}", stage="dataset")
+    table = table[table["_merge"] == "both"].drop(columns="_merge").reset_index(drop=True)
+    if task == "binary":
+        raw = _label_of_row(table, template) if template else pd.to_numeric(table[cols[0]], errors="coerce")
+        table["target"] = binary_targets(raw, uncertain)
+        if truth is not None:
+            t = truth[["study_id", *cols]].drop_duplicates("study_id")
+            t = table[["study_id", "organ"]].merge(t, on="study_id", how="left")
+            table["truth"] = (_label_of_row(t, template) if template else t[cols[0]]).to_numpy(dtype=float)
+        blank = table["target"].isna()
+        for case, org in zip(table.loc[blank, "case_id"], table.loc[blank, "organ"], strict=True):
+            skipped.add(str(case), f"{org} label blank or uncertain (policy {uncertain})", stage="dataset")
+        table = table[~blank].reset_index(drop=True)
+        target_cols, names = ["target"], [template.format(organ=organ or "organ") if template else cols[0]]
+    else:
+        if truth is not None:
+            t = truth[["study_id", *cols]].drop_duplicates("study_id").rename(columns={c: f"truth_{c}" for c in cols})
+            table = table.merge(t, on="study_id", how="left")
+        target_cols, names = cols, cols
+    xs, keep = [], []
+    for i, row in enumerate(table.itertuples(index=False)):
+        try:
+            image, mask = read_crop(crops_dir / row.path)
+            xs.append(crop_to_input(image, mask, kind, n_slices, size, mask_mode))
+            keep.append(i)
+        except DataError as exc:
+            skipped.add(str(row.case_id), exc, stage="dataset")
+    table = table.iloc[keep].reset_index(drop=True)
+    if not len(table):
+        raise DataError(crops_dir, f"no usable crops for organ {organ!r} and labels {cols} ({len(skipped)} skipped)")
+    y = _targets(table, target_cols, task)
+    prep = {"source": "crops", **crop_spec(kind, n_slices, size), "mask_mode": mask_mode, "organ": organ,
+            "label_cols": label_cols if template else cols, "uncertain": uncertain}
+    return CachedDataset(torch.from_numpy(np.stack(xs)), y, table, names, task, transform, prep, skipped)
+
+
+def _targets(table: pd.DataFrame, label_cols: Sequence[str], task: str) -> Tensor:
+    values = np.array(table[list(label_cols)].apply(pd.to_numeric, errors="coerce"), dtype=np.float32)
+    if task == "multiclass":
+        return torch.from_numpy(values[:, 0].astype(np.int64))
+    return torch.from_numpy(values)
+
+
+# ----------------------------------------------------------------------------- 2D images
+
+
+def image_spec(channels: int = 1, size: int = 128) -> dict:
+    """The ``preprocess`` spec of a 2D image input (percentile-normalised to [0, 1])."""
+    return {"kind": "2d", "channels": channels, "size": size, "normalise": "percentile"}
+
+
+def image_dataset(table: pd.DataFrame, classes: Sequence[str] | None = None, path_col: str = "path",
+                  label_col: str = "label", channels: int = 1, size: int = 128, transform: Callable | None = None,
+                  task: str | None = None) -> CachedDataset:
+    """A table of image paths (``lib.splits.image_folder_table`` or a CSV) with a class column, decoded into memory.
+
+    Multi-class by default (binary when there are two classes and ``task='binary'``); unreadable images are
+    skipped and listed in ``dataset.skipped``.
+    """
+    if path_col not in table or label_col not in table:
+        raise DataError("table", f"needs columns {path_col!r} and {label_col!r} (have {list(table.columns)})")
+    classes = list(classes) if classes is not None else sorted(table[label_col].dropna().astype(str).unique())
+    task = task or ("binary" if len(classes) == 2 else "multiclass")
+    from lib import imageio
+
+    spec = image_spec(channels, size)
+    skipped = SkippedCases()
+    xs, keep = [], []
+    for i, row in enumerate(table.itertuples(index=False)):
+        path, label = getattr(row, path_col), getattr(row, label_col)
+        if pd.isna(label) or str(label) not in classes:
+            skipped.add(str(path), f"label {label!r} missing or not in {classes}", stage="dataset", path=path)
+            continue
+        try:
+            xs.append(imageio.load_input(path, spec))
+            keep.append(i)
+        except DataError as exc:
+            skipped.add(str(path), exc, stage="dataset")
+    out = table.iloc[keep].reset_index(drop=True).copy()
+    if out.empty:
+        raise DataError("table", f"no usable images ({len(skipped)} skipped)")
+    out["target"] = out[label_col].astype(str).map({c: k for k, c in enumerate(classes)})
+    if task == "binary":
+        y = torch.from_numpy(out["target"].to_numpy(np.float32)[:, None])
+        names = [classes[1]]
+    else:
+        y = torch.from_numpy(out["target"].to_numpy(np.int64))
+        names = classes
+    prep = {"source": "images", **spec, "classes": classes}
+    return CachedDataset(torch.from_numpy(np.stack(xs)), y, out, names, task, transform, prep, skipped)
+
+
+def csv_dataset(csv_path: str | Path, path_col: str = "path", label_col: str = "label", **kw) -> CachedDataset:
+    """Images listed in a CSV (paths relative to the CSV's folder allowed)."""
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        raise DataError(csv_path, "CSV not found")
+    table = pd.read_csv(csv_path)
+    if path_col not in table:
+        raise DataError(csv_path, f"no {path_col!r} column")
+    table[path_col] = [str(p) if Path(p).is_absolute() else str(csv_path.parent / p) for p in table[path_col]]
+    return image_dataset(table, path_col=path_col, label_col=label_col, **kw)
+
+
+# ----------------------------------------------------------------------------- by name (notebook parameter)
+
+DATASETS = ("synthetic-ct", "brain-mri", "cxr-3class")
+
+
+def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = None, profile: str = "smoke",
+                  seed: int | None = None, label_source: str = "reports", lang: str = "ja",
+                  organ: str | None = None, label_cols: Sequence[str] | str = "{organ}_abnormal",
+                  task: str = "binary", kind: str = "slab", n_slices: int = 8, size: int = 64,
+                  mask_mode: str = "none", uncertain: str = "ignore", channels: int = 1,
+                  root: str | Path | None = None) -> tuple[CachedDataset, str]:
+    """The dataset a notebook parameter names, plus the column folds must be grouped by.
+
+    ``synthetic-ct``: crops of the synthetic cohort (``lib.crop.ensure_crops``) joined with report labels
+    (``lib.reports.label_cohort``) or the ground truth; both upstream steps are cached and only run when
+    ``run_dir`` lacks their output. Grouped by ``patient_id``; the ground truth rides along as ``truth``.
+    ``brain-mri`` / ``cxr-3class``: the 2D sets in ``../shared/data`` (or ``root``), grouped by duplicate
+    ``group`` (exact copies and perceptual near-duplicates, ``lib.splits.image_folder_table``).
+    """
+    from lib import config
+
+    seed = config.DEFAULT_SEED if seed is None else seed
+    if dataset == "synthetic-ct":
+        from lib import crop, reports, synth
+
+        run = config.resolve_run_dir(run_dir, profile)
+        cohort = synth.ensure_cohort(profile, seed)
+        if not (run / "crops" / "index.csv").exists():
+            crop.ensure_crops(run, profile, seed)
+        if label_source == "reports":
+            reports.label_cohort(cohort, lang, run)  # cached when labels.csv is up to date
+        labels = load_labels(label_source, run, cohort)
+        truth = load_labels("truth", run, cohort)
+        ds = crop_dataset(run / "crops", labels, label_cols, organ, task, kind, n_slices, size, mask_mode, uncertain,
+                          truth=truth, mode="bbox")
+        ds.skipped.save(run / "skipped_dataset.csv")
+        return ds, "patient_id"
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    from lib import splits
+
+    folder = {"brain-mri": "brain-mri-tumor", "cxr-3class": "cxr-covid-3class/Covid19-dataset"}[dataset]
+    root = Path(root) if root else config.shared_path(*folder.split("/"))
+    skipped = SkippedCases()
+    table = splits.image_folder_table(root, skipped=skipped)
+    classes = ["no", "yes"] if dataset == "brain-mri" else sorted(table["label"].unique())
+    ds = image_dataset(table, classes, channels=channels, size=size,
+                       task="binary" if dataset == "brain-mri" else "multiclass")
+    ds.skipped.extend(skipped)
+    return ds, "group"

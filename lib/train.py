@@ -1,0 +1,444 @@
+"""One training loop for every task (classification and segmentation), resumable and torchrun-ready.
+
+Why: classification, k-fold and segmentation differ only in the loss and in how validation outputs
+are scored, so they share ``fit``. The loop owns what is easy to get wrong: exact resume after an
+interruption (epoch-seeded RNG + optimizer/scheduler state in ``last.pt``), early stopping on a named
+metric, AMP/channels_last only where they help (CUDA), and DistributedDataParallel under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
+
+from lib import config
+from lib.models import read_checkpoint, save_checkpoint, unwrap
+
+UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of ``fit``; every field is a notebook parameter."""
+
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | plateau | none
+    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
+    monitor: str = "auc"  # key of evaluate_fn's dict, or "val_loss"
+    mode: str = "max"  # max | min
+    amp: bool = True  # only used on CUDA
+    channels_last: bool = True  # only used on CUDA
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    seed: int = config.DEFAULT_SEED
+    device: str = "auto"
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optimizer must be adamw|adam|sgd, got {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "plateau", "none"):
+            raise ValueError(f"scheduler must be cosine|plateau|none, got {self.scheduler!r}")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode must be max|min, got {self.mode!r}")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def apply_uncertain_policy(targets: Tensor, policy: str = "ignore") -> tuple[Tensor, Tensor]:
+    """CheXpert-style labels (1, 0, -1 uncertain, NaN missing) -> (targets in {0,1}, mask of usable entries)."""
+    if policy not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain policy must be one of {UNCERTAIN_POLICIES}, got {policy!r}")
+    targets = targets.float()
+    valid = ~torch.isnan(targets)
+    uncertain = targets == -1
+    if policy == "ignore":
+        valid = valid & ~uncertain
+    fill = 1.0 if policy == "positive" else 0.0
+    out = torch.where(uncertain, torch.full_like(targets, fill), targets)
+    return torch.nan_to_num(out, nan=0.0), valid
+
+
+def positive_weights(labels: np.ndarray | pd.DataFrame, policy: str = "ignore", max_weight: float = 20.0) -> Tensor:
+    """``pos_weight`` per label = negatives / positives among usable labels (clipped), for imbalance."""
+    y, valid = apply_uncertain_policy(torch.as_tensor(np.asarray(labels, dtype=np.float32)), policy)
+    if y.ndim == 1:
+        y, valid = y[:, None], valid[:, None]
+    pos = (y * valid).sum(0)
+    neg = ((1 - y) * valid).sum(0)
+    return (neg / pos.clamp(min=1)).clamp(min=1 / max_weight, max=max_weight)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> Tensor:
+    """Balanced class weights ``n / (k * count)`` (sklearn's ``class_weight='balanced'``)."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(np.float32)
+    return torch.as_tensor(counts.sum() / (num_classes * np.maximum(counts, 1)))
+
+
+def make_loss(task: str, weight: Tensor | None = None, uncertain: str = "ignore") -> Callable[[Tensor, Tensor], Tensor]:
+    """Loss for ``binary`` (BCE, pos_weight), ``multiclass`` (CE, class weights) or ``multilabel``.
+
+    Binary and multi-label losses mask missing (NaN) and, with policy ``ignore``, uncertain (-1) targets.
+    """
+    if task == "multiclass":
+        ce = nn.CrossEntropyLoss(weight=weight)
+
+        def multiclass(logits: Tensor, targets: Tensor) -> Tensor:
+            ce.to(logits.device)
+            return ce(logits.float(), targets.long().view(-1))
+
+        return multiclass
+    if task not in ("binary", "multilabel"):
+        raise ValueError(f"task must be binary|multiclass|multilabel, got {task!r}")
+
+    def masked_bce(logits: Tensor, targets: Tensor) -> Tensor:
+        logits = logits.float().reshape(len(logits), -1)
+        y, valid = apply_uncertain_policy(targets.reshape(len(targets), -1).to(logits.device), uncertain)
+        pw = None if weight is None else weight.to(logits.device).expand_as(logits)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pw, reduction="none")
+        return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+    return masked_bce
+
+
+def probabilities(logits: Tensor, task: str) -> Tensor:
+    """Logits -> probabilities (softmax for multi-class, sigmoid otherwise)."""
+    return logits.float().softmax(1) if task == "multiclass" else logits.float().sigmoid()
+
+
+def classification_metrics(task: str, label_names: list[str] | None = None,
+                           uncertain: str = "ignore") -> Callable[[Tensor, Tensor], dict[str, float]]:
+    """An ``evaluate_fn`` for classification: AUC (macro over labels/classes), accuracy, and F1 for multi-class."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    def evaluate(logits: Tensor, targets: Tensor) -> dict[str, float]:
+        p = probabilities(logits, task).numpy()
+        if task == "multiclass":
+            y = targets.long().view(-1).numpy()
+            out = {"acc": float((p.argmax(1) == y).mean()),
+                   "macro_f1": float(f1_score(y, p.argmax(1), average="macro", labels=range(p.shape[1])))}
+            try:
+                out["auc"] = float(roc_auc_score(y, p, multi_class="ovr", labels=range(p.shape[1])))
+            except ValueError:  # a class absent from this validation set
+                out["auc"] = float("nan")
+            return out
+        y, valid = apply_uncertain_policy(targets.reshape(len(targets), -1), uncertain)
+        y, valid, p = y.numpy(), valid.numpy(), p.reshape(len(p), -1)
+        aucs, accs = [], []
+        for j in range(y.shape[1]):
+            m = valid[:, j]
+            accs.append(((p[m, j] > 0.5) == y[m, j]).mean() if m.any() else np.nan)
+            aucs.append(roc_auc_score(y[m, j], p[m, j]) if len(np.unique(y[m, j])) == 2 else np.nan)
+        out = {"auc": float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan"),
+               "acc": float(np.nanmean(accs))}
+        if task == "multilabel" and label_names:
+            out.update({f"auc_{n}": float(a) for n, a in zip(label_names, aucs, strict=False)})
+        return out
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (single process: 0, 0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); True when this call created it."""
+    _, _, world = dist_env()
+    if world <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _distributed_loader(loader: DataLoader, shuffle: bool, seed: int) -> DataLoader:
+    """The same loader with a DistributedSampler (each rank sees its share of the data)."""
+    sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=False)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers)
+
+
+def _gather_in_order(t: Tensor, n_total: int) -> Tensor:
+    """All ranks' validation outputs in dataset order (undoes DistributedSampler's interleave and padding)."""
+    parts: list[Tensor] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(parts, t.cpu())
+    per_rank = max(len(p) for p in parts)
+    rows = [parts[r][i] for i in range(per_rank) for r in range(len(parts)) if i < len(parts[r])]
+    return torch.stack(rows)[:n_total]
+
+
+# ----------------------------------------------------------------------------- loop helpers
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=cfg.mode, factor=0.5,
+                                                          patience=max(cfg.patience // 2, 1))
+    return None
+
+
+def unpack(batch) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) from a tuple/list batch or a MONAI-style dict with ``image`` and ``label``."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    return batch[0], batch[1]
+
+
+def _rng_state() -> dict:
+    import random
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int, loaders: list[DataLoader]) -> None:
+    """Seed every RNG from (seed, epoch, rank): an epoch's shuffles and augmentations do not depend on
+    how many epochs ran before in this process, which is what makes resume exact."""
+    config.seed_everything(seed + 1000 * epoch + rank)
+    for loader in loaders:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        ds = loader.dataset
+        if hasattr(ds, "set_random_state"):
+            ds.set_random_state(seed + 1000 * epoch + rank)
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _run_epoch(model: nn.Module, loader: DataLoader, loss_fn, opt, scaler, device, cfg: TrainConfig,
+               use_amp: bool, channels_last: bool, show: bool, desc: str) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
+        x, y = unpack(batch)
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+    if dist.is_initialized():
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = float(t[0]), float(t[1])
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+                   channels_last: bool = False, show: bool = False) -> tuple[Tensor, Tensor]:
+    """Concatenated (logits, targets) of a loader in order; targets are empty when batches carry none."""
+    model.eval()
+    device = torch.device(device)
+    outs, targets = [], []
+    for batch in tqdm(loader, desc="predict", leave=False, disable=not show):
+        if isinstance(batch, (tuple, list, dict)):
+            x, y = unpack(batch)
+        else:
+            x, y = batch, None
+        x = x.to(device)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+            outs.append(model(x).float().cpu())
+        if y is not None:
+            targets.append(y.cpu())
+    logits = torch.cat(outs) if outs else torch.empty(0)
+    return logits, (torch.cat(targets) if targets else torch.empty(0))
+
+
+def _validate(model, loader, loss_fn, evaluate_fn, device, channels_last, show) -> dict[str, float]:
+    logits, targets = predict_logits(model, loader, device, channels_last, show)
+    if dist.is_initialized():
+        n = len(loader.dataset)
+        logits, targets = _gather_in_order(logits, n), _gather_in_order(targets, n)
+    metrics = {"val_loss": float(loss_fn(logits, targets))}
+    metrics.update({k: float(v) for k, v in evaluate_fn(logits, targets).items()})
+    return metrics
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        evaluate_fn: Callable[[Tensor, Tensor], dict[str, float]],
+        cfg: TrainConfig, out_dir: str | Path, meta: dict) -> pd.DataFrame:
+    """Train ``model`` in place; write ``best.pt``, ``last.pt`` and ``log.csv`` to ``out_dir``; return the log.
+
+    ``evaluate_fn(logits, targets)`` scores the concatenated validation outputs (a dict of floats; the
+    ``cfg.monitor`` key drives checkpointing, early stopping and the plateau scheduler). With
+    ``cfg.resume`` an existing ``last.pt`` continues the run and gives the same result as an
+    uninterrupted one. Under torchrun (``WORLD_SIZE>1``) the model is wrapped in DDP and only rank 0 writes.
+    On return the model holds the best weights.
+    """
+    out_dir = Path(out_dir)
+    dev = config.device(cfg.device)
+    rank, local_rank, world = dist_env()
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    created_group = init_distributed(dev)
+    main = rank == 0
+    cuda = dev.type == "cuda"
+    use_amp, channels_last = cfg.amp and cuda, cfg.channels_last and cuda
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    config.seed_everything(cfg.seed)
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg)
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "stopped": False}
+    rows: list[dict] = []
+
+    last = out_dir / "last.pt"
+    if cfg.resume and last.exists():
+        ckpt = read_checkpoint(last)
+        unwrap(model).load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if sched is not None and ckpt.get("scheduler"):
+            sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        state.update(ckpt["train_state"])
+        rows = list(ckpt["train_state"].get("log", []))
+        _set_rng_state(ckpt["rng"])
+        if main:
+            print(f"resuming {out_dir} after epoch {state['epoch']}")
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+        shuffle = isinstance(train_loader.sampler, RandomSampler)
+        train_loader = _distributed_loader(train_loader, shuffle=shuffle, seed=cfg.seed)
+        val_loader = _distributed_loader(val_loader, shuffle=False, seed=cfg.seed)
+
+    show = cfg.progress and main
+    bar = tqdm(range(state["epoch"], cfg.epochs), desc=out_dir.name, disable=not show, initial=state["epoch"],
+               total=cfg.epochs)
+    for epoch in bar:
+        if state["stopped"]:
+            break
+        _seed_epoch(cfg.seed, epoch, rank, [train_loader, val_loader])
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        train_loss = _run_epoch(net, train_loader, loss_fn, opt, scaler, dev, cfg, use_amp, channels_last, show,
+                                f"epoch {epoch + 1}")
+        metrics = _validate(unwrap(net), val_loader, loss_fn, evaluate_fn, dev, channels_last, show)
+        monitored = metrics.get(cfg.monitor)
+        if monitored is None:
+            raise KeyError(f"monitor {cfg.monitor!r} not in validation metrics {sorted(metrics)}")
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(monitored if not math.isnan(monitored) else (-1e9 if cfg.mode == "max" else 1e9))
+        elif sched is not None:
+            sched.step()
+        improved = _is_better(monitored, state["best"], cfg.mode)
+        if improved:
+            state.update(best=monitored, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        state["stopped"] = bool(cfg.patience and state["bad_epochs"] >= cfg.patience)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
+               "time_s": time.perf_counter() - t0, "best": improved}
+        rows.append(row)
+        bar.set_postfix({"loss": f"{train_loss:.3f}", cfg.monitor: f"{monitored:.3f}"})
+        if main:
+            ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "train_config": asdict(cfg)}
+            if improved or not (out_dir / "best.pt").exists():
+                save_checkpoint(out_dir / "best.pt", net, ckpt_meta)
+            save_checkpoint(last, net, ckpt_meta, optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict() if sched is not None else None,
+                            scaler=scaler.state_dict(), rng=_rng_state(), train_state={**state, "log": rows})
+            pd.DataFrame(rows).to_csv(out_dir / "log.csv", index=False)
+    bar.close()
+
+    if dist.is_initialized():
+        dist.barrier()
+    best = out_dir / "best.pt"
+    if best.exists():
+        unwrap(model).load_state_dict(read_checkpoint(best)["state_dict"])
+    if created_group:
+        dist.destroy_process_group()
+    return pd.DataFrame(rows)
+
+
+def plot_curves(log: pd.DataFrame, path: str | Path | None = None, metrics: list[str] | None = None):
+    """Learning curves (loss and validation metrics per epoch) as a seaborn figure, saved when ``path`` is given."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    metrics = metrics or [c for c in log.columns if c in ("auc", "acc", "macro_f1", "dice")]
+    losses = log.melt(id_vars="epoch", value_vars=[c for c in ("train_loss", "val_loss") if c in log],
+                      var_name="curve", value_name="loss")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    sns.lineplot(data=losses, x="epoch", y="loss", hue="curve", marker="o", ax=axes[0])
+    if metrics:
+        scores = log.melt(id_vars="epoch", value_vars=metrics, var_name="metric", value_name="value")
+        sns.lineplot(data=scores, x="epoch", y="value", hue="metric", marker="o", ax=axes[1])
+    axes[0].set_title("loss")
+    axes[1].set_title("validation")
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig

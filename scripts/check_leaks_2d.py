@@ -1,0 +1,89 @@
+"""Duplicate groups in the shared 2D sets, and proof that a naive split leaks while the grouped one does not.
+
+Usage: ``.venv/bin/python scripts/check_leaks_2d.py [--threshold 48] [--folds 5] [--seed N] [--show]``
+(``--show`` lists every duplicate group). Exit code 1 if the grouped split leaks (it must not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib import config, splits  # noqa: E402
+from lib.io import SkippedCases  # noqa: E402
+
+SETS = {"brain-mri-tumor": ("brain-mri-tumor",),
+        "cxr-covid-3class": ("cxr-covid-3class", "Covid19-dataset")}
+
+
+def naive_folds(table: pd.DataFrame, n_splits: int, seed: int) -> pd.Series:
+    """Row-level stratified folds (what a tutorial does): copies of one image may land in two folds."""
+    fold = np.zeros(len(table), dtype=int)
+    cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(cv.split(table, table["label"])):
+        fold[test] = k
+    return pd.Series(fold, index=table.index)
+
+
+def leaks(folds: pd.Series, groups: pd.Series) -> int:
+    """Number of groups crossing folds (0 = clean)."""
+    try:
+        splits.check_leakage(folds, groups)
+    except splits.LeakageError as exc:
+        return len(exc.crossing)
+    return 0
+
+
+def check(name: str, parts: tuple[str, ...], threshold: int, n_splits: int, seed: int, show: bool) -> bool:
+    root = config.shared_path(*parts)
+    if not root.exists():
+        print(f"{name}: not found at {root} (skipped)")
+        return True
+    skipped = SkippedCases()
+    table = splits.image_folder_table(root, threshold=threshold, skipped=skipped)
+    n_exact = splits.n_duplicate_groups(table["exact_group"])
+    n_near = splits.n_duplicate_groups(table["group"])
+    print(f"\n== {name}: {len(table)} images, {table['label'].value_counts().to_dict()}, {len(skipped)} unreadable")
+    print(f"exact-byte duplicate groups: {n_exact} ({table['exact_group'].nunique()} unique files)")
+    print(f"near-duplicate groups (phash & dhash within {threshold}/256 bits, incl. exact): {n_near} "
+          f"({table['group'].nunique()} independent images)")
+    mixed = (table.groupby("group")["label"].nunique() > 1).sum()
+    print(f"groups with more than one class: {mixed}")
+    if table["split"].nunique() > 1:
+        by_split = table.groupby("group")["split"].nunique()
+        print(f"groups present in more than one original split folder ({sorted(table['split'].unique())}): "
+              f"exact {int((table.groupby('exact_group')['split'].nunique() > 1).sum())}, "
+              f"near {int((by_split > 1).sum())}")
+    if show:
+        print(splits.duplicate_report(table).to_string(index=False, max_colwidth=100))
+    naive = naive_folds(table, n_splits, seed)
+    grouped = splits.group_kfold(table, n_splits, "group", "label", seed)
+    n_naive, n_grouped = leaks(naive, table["group"]), leaks(grouped, table["group"])
+    print(f"naive StratifiedKFold({n_splits}): {n_naive} duplicate groups cross folds "
+          f"({leaks(naive, table['exact_group'])} exact) -> LEAKS")
+    print(f"grouped StratifiedGroupKFold({n_splits}): {n_grouped} groups cross folds -> "
+          f"{'no leak' if n_grouped == 0 else 'LEAKS'}")
+    print(splits.fold_table(table, grouped, "label", "group").to_string())
+    return n_grouped == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threshold", type=int, default=splits.THRESHOLD)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
+    ap.add_argument("--show", action="store_true", help="list every duplicate group")
+    args = ap.parse_args(argv)
+    ok = all([check(name, parts, args.threshold, args.folds, args.seed, args.show) for name, parts in SETS.items()])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

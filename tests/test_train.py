@@ -1,0 +1,137 @@
+"""Training loop: losses and policies, determinism, exact resume after an interrupt, torchrun with 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lib import config, models, train
+
+
+def toy(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, 12, 12, generator=g) * 0.3
+    y = (torch.rand(n, generator=g) < 0.5).float()[:, None]
+    x[y[:, 0] == 1, 0, 3:8, 3:8] += 0.5
+    return TensorDataset(x, y)
+
+
+def small_cnn() -> nn.Module:
+    config.seed_everything(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 1))
+
+
+def run(out: Path, epochs: int = 4, loss_fn=None, **kw) -> tuple[nn.Module, object]:
+    model = small_cnn()
+    tr = DataLoader(toy(40, 1), batch_size=8, shuffle=True)
+    va = DataLoader(toy(16, 2), batch_size=8)
+    cfg = train.TrainConfig(**{"epochs": epochs, "lr": 1e-2, "progress": False, "seed": 7, **kw})
+    meta = models.checkpoint_meta("small_cnn", 2, 1, "binary", ["square"])
+    log = train.fit(model, tr, va, loss_fn or train.make_loss("binary"), train.classification_metrics("binary"),
+                    cfg, out, meta)
+    return model, log
+
+
+def test_uncertain_policies() -> None:
+    t = torch.tensor([1.0, 0.0, -1.0, float("nan")])
+    for policy, want_y, want_valid in [("ignore", [1, 0, 0, 0], [1, 1, 0, 0]), ("positive", [1, 0, 1, 0], [1, 1, 1, 0]),
+                                       ("negative", [1, 0, 0, 0], [1, 1, 1, 0])]:
+        y, valid = train.apply_uncertain_policy(t, policy)
+        assert y.tolist() == want_y and valid.int().tolist() == want_valid, policy
+    with pytest.raises(ValueError, match="uncertain policy"):
+        train.apply_uncertain_policy(t, "maybe")
+
+
+def test_masked_multilabel_loss_ignores_uncertain_and_missing() -> None:
+    logits = torch.tensor([[2.0, -1.0, 5.0], [0.5, 0.0, -3.0]])
+    targets = torch.tensor([[1.0, -1.0, float("nan")], [0.0, 1.0, -1.0]])
+    loss = train.make_loss("multilabel", uncertain="ignore")(logits, targets)
+    keep = torch.tensor([[True, False, False], [True, True, False]])
+    want = nn.functional.binary_cross_entropy_with_logits(logits[keep], torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.isclose(loss, want)
+    as_pos = train.make_loss("multilabel", uncertain="positive")(logits, targets)
+    assert not torch.isclose(as_pos, want)
+
+
+def test_weights_for_imbalance() -> None:
+    pw = train.positive_weights([[1, 0], [0, 0], [0, -1], [0, 1]])
+    assert pw.tolist() == pytest.approx([3.0, 2.0])  # label 2: uncertain ignored -> 2 negatives / 1 positive
+    cw = train.class_weights([0, 0, 0, 1], 2)
+    assert cw.tolist() == pytest.approx([4 / 6, 2.0])
+    ce = train.make_loss("multiclass", weight=cw)
+    assert ce(torch.zeros(2, 2), torch.tensor([0, 1])) > 0
+
+
+def test_fit_learns_and_writes_checkpoints(tmp_path: Path) -> None:
+    model, log = run(tmp_path / "a", epochs=6)
+    assert {"best.pt", "last.pt", "log.csv"} <= {p.name for p in (tmp_path / "a").iterdir()}
+    assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    assert log["auc"].max() >= 0.9
+    ckpt = models.read_checkpoint(tmp_path / "a" / "best.pt")
+    assert ckpt["task"] == "binary" and ckpt["metrics"]["auc"] == pytest.approx(log["auc"].max())
+    assert "optimizer" not in ckpt and "optimizer" in models.read_checkpoint(tmp_path / "a" / "last.pt")
+
+
+def test_fit_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
+    m1, log1 = run(tmp_path / "full", resume=False)
+    m2, log2 = run(tmp_path / "again", resume=False)
+    assert log1["train_loss"].tolist() == log2["train_loss"].tolist()
+
+    calls = {"n": 0}
+    base = train.make_loss("binary")
+
+    def interrupted(logits, targets):
+        calls["n"] += 1
+        if calls["n"] == 15:  # 5 train batches + 1 validation call per epoch: inside epoch 3
+            raise KeyboardInterrupt
+        return base(logits, targets)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", loss_fn=interrupted)
+    assert len(models.read_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]["log"]) == 2
+    m3, log3 = run(tmp_path / "cut", resume=True)
+    assert log3["train_loss"].tolist() == log1["train_loss"].tolist()
+    for a, b in zip(m1.state_dict().values(), m3.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_and_bad_monitor(tmp_path: Path) -> None:
+    _, log = run(tmp_path / "es", epochs=30, patience=2, monitor="val_loss", mode="min", lr=0.0)
+    assert len(log) == 3  # no learning: best at epoch 1, then 2 bad epochs
+    with pytest.raises(KeyError, match="monitor"):
+        run(tmp_path / "bad", epochs=1, monitor="nope")
+
+
+def test_load_checkpoint_rebuilds_timm_model(tmp_path: Path) -> None:
+    model = models.create_model("resnet10t", in_chans=3, num_classes=2)
+    meta = models.checkpoint_meta("resnet10t", 3, 2, "multiclass", ["a", "b"], {"kind": "2d", "size": 32})
+    models.save_checkpoint(tmp_path / "m.pt", model, meta, epoch=1)
+    loaded, info = models.load_checkpoint(tmp_path / "m.pt")
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(model.eval()(x), loaded(x)) and info["label_names"] == ["a", "b"]
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="bad.pt"):
+        models.load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="unknown timm model"):
+        models.create_model("no_such_net")
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29531",
+                          str(config.ROOT / "scripts" / "torchrun_smoke.py"), "--out", str(tmp_path), "--epochs", "2"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=config.ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rank 1/2 done" in res.stdout and "rank 0/2 done" in res.stdout
+    ckpt = models.read_checkpoint(tmp_path / "best.pt")
+    assert ckpt["epoch"] >= 1 and (tmp_path / "log.csv").exists()
