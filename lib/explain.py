@@ -1,0 +1,737 @@
+"""Saliency maps that can be checked: Grad-CAM, Grad-CAM++ and occlusion, scored against lesion masks.
+
+Why: a heat map on a CT crop is persuasive whether or not it is right. The synthetic cohort has lesion
+masks, so every map here gets numbers: does its maximum fall on the lesion (pointing game), how much of
+its positive energy lies inside the lesion, does removing its most relevant pixels first lower the
+class probability faster than removing random pixels (deletion curve), and does it change when the
+model's weights are randomised (Adebayo et al. 2018 sanity check). Maps come from ``monai.visualize``;
+this module only picks layers, wraps MONAI's sharp edges and scores the results.
+
+MONAI behaviour pinned here (tests/test_explain.py checks each one, because these changed between
+releases and users reported "broken" occlusion maps after upgrades):
+
+* ``OcclusionSensitivity`` returns the probability *with* the patch occluded (MONAI >= 1.1), not the
+  drop; we return ``p(original) - p(occluded)`` so larger means more important, like Grad-CAM.
+* Its built-in activation chooses sigmoid/softmax from the number of *input* channels, so a 2.5D input
+  with one output logit gets softmax over one value (always 1, an all-zero map). We always pass the
+  activation that matches the model's task.
+* Its default overlap changed (0.25 -> 0.6); we always pass it (or ``stride``) explicitly.
+* Its ``mean_patch`` mode multiplies the patch by its mean instead of replacing it, and callable modes
+  raise; we offer ``gaussian``, ``mean_img`` and a constant value only.
+* CAM post-processing by default rescales each map so that its *maximum becomes 0*; we keep raw maps.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage, stats
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+METHODS = ("gradcam", "gradcampp", "occlusion")
+OCCLUSION_MODES = ("gaussian", "mean_img")
+BASELINES = ("blur", "mean", "zero")
+
+
+# ----------------------------------------------------------------------------- target layer
+
+
+def _spatial_outputs(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every sub-module whose output is a (N, C, H, W) map with H*W > 1, in run order."""
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    hooks = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _i, out, name=name):
+            if isinstance(out, Tensor) and out.ndim == 4 and out.shape[-1] * out.shape[-2] > 1:
+                seen.append((name, tuple(out.shape)))
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception:  # noqa: BLE001 - a model that cannot run this input simply has no candidates
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _has_conv(mod: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in mod.modules())
+
+
+TOKEN_MODELS = ("VisionTransformer", "SwinTransformer", "Eva", "Beit", "Deit", "MaxxVit", "CaiT", "XCiT")
+
+
+def _family_layer(model: nn.Module) -> str | None:
+    """The usual Grad-CAM layer of common timm families (class name decides), or None."""
+    kind = type(model).__name__
+    if any(t.lower() in kind.lower() for t in TOKEN_MODELS):
+        raise ValueError(f"{kind} works on tokens, not (N, C, H, W) maps: Grad-CAM needs a reshape of its "
+                         f"token outputs, which this module does not do; use method='occlusion'")
+    names = dict(model.named_modules())
+    if kind in ("ResNet", "ResNetV2") and "layer4" in names:
+        return "layer4"
+    if kind == "EfficientNet" and "bn2" in names:
+        return "bn2"  # conv_head after its BatchNorm + activation: the last spatial features
+    if kind in ("ConvNeXt", "RegNet", "MobileNetV3", "MobileNetV4", "EfficientNet", "DenseNet"):
+        info = getattr(model, "feature_info", None)
+        if info:
+            return info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+    return None
+
+
+def candidate_layers(model: nn.Module, example: Tensor) -> list[str]:
+    """Names of layers that contain a Conv2d and output a spatial map for ``example`` (run order)."""
+    mods = dict(model.named_modules())
+    out = []
+    for name, _shape in _spatial_outputs(model, example):
+        if name not in out and _has_conv(mods[name]):
+            out.append(name)
+    return out
+
+
+def find_target_layer(model: nn.Module, example: Tensor, layer: str | None = None) -> str:
+    """The layer Grad-CAM hooks: ``layer`` if given, else the family default, else the last conv stage.
+
+    Raises ValueError naming the layers that would work when the model has no usable convolutional layer
+    or ``layer`` is not one of them.
+    """
+    spatial = dict(_spatial_outputs(model, example))
+    candidates = candidate_layers(model, example)
+    if layer is not None:
+        if layer in spatial:
+            return layer
+        raise ValueError(f"target layer {layer!r} of {type(model).__name__} does not give a spatial (N, C, H, W) "
+                         f"map for input {tuple(example.shape)}; candidate layers: {candidates[-12:]}")
+    family = _family_layer(model)
+    if family is not None and family in spatial:
+        return family
+    if not candidates:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(f"{type(model).__name__} has no convolutional layer usable for Grad-CAM (no Conv2d "
+                         f"stage gives a spatial map for input {tuple(example.shape)}); candidate layers: none. "
+                         f"Its top-level layers are {names}; pass target_layer=<name> of a layer with a "
+                         f"(N, C, H, W) output, or use method='occlusion'.")
+    # A conv-containing module that finishes last, e.g. a whole stage rather than its last conv.
+    return candidates[-1]
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def activation(task: str) -> Callable[[Tensor], Tensor]:
+    """Logits -> probabilities the way the model was trained (sigmoid per output, or softmax)."""
+    if task == "multiclass":
+        return lambda t: t.softmax(1)
+    if task in ("binary", "multilabel"):
+        return torch.sigmoid
+    raise ValueError(f"task must be binary|multiclass|multilabel, got {task!r}")
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass
+class Explainer:
+    """One model + how to explain it: target layer, class, occlusion settings. Builds MONAI objects once.
+
+    MONAI's CAM classes register hooks on the model that are never removed, so one Explainer per model
+    (not one per image) keeps them from piling up.
+    """
+
+    model: nn.Module
+    task: str = "binary"
+    class_idx: int = 0
+    target_layer: str | None = None
+    mask_size: int = 16
+    stride: int | None = None  # occlusion step in pixels; None -> from overlap
+    overlap: float = 0.6
+    occlusion_mode: str | float = "mean_img"
+    n_batch: int = 32
+    progress: bool = False
+    _cams: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.model.eval()
+        self._act = activation(self.task)
+        if isinstance(self.occlusion_mode, str) and self.occlusion_mode not in OCCLUSION_MODES:
+            raise ValueError(f"occlusion_mode must be one of {OCCLUSION_MODES} or a number, got "
+                             f"{self.occlusion_mode!r} (MONAI's mean_patch multiplies instead of replacing)")
+        if self.stride is not None and not 1 <= self.stride <= self.mask_size:
+            raise ValueError(f"stride must be in [1, mask_size={self.mask_size}], got {self.stride}")
+
+    def prob(self, x: Tensor) -> np.ndarray:
+        """Probability of ``class_idx`` for a batch ``(B, C, H, W)``."""
+        with torch.no_grad():
+            return self._act(self.model(x.float()))[:, self.class_idx].double().cpu().numpy()
+
+    def layer(self, x: Tensor) -> str:
+        if "layer" not in self._cams:
+            self._cams["layer"] = find_target_layer(self.model, x[:1].float(), self.target_layer)
+        return self._cams["layer"]
+
+    def _cam(self, method: str, x: Tensor):
+        from monai.visualize import GradCAM, GradCAMpp
+
+        if method not in self._cams:
+            cls = GradCAM if method == "gradcam" else GradCAMpp
+            self._cams[method] = cls(nn_module=self.model, target_layers=self.layer(x), postprocessing=_identity)
+        return self._cams[method]
+
+    def occlusion_overlap(self) -> float:
+        """MONAI's sliding-window overlap for the requested stride (step = mask_size * (1 - overlap))."""
+        if self.stride is None:
+            return float(self.overlap)
+        return 1.0 - self.stride / self.mask_size
+
+    def occlusion(self, x: Tensor) -> np.ndarray:
+        """Drop in class probability when each region is occluded, ``(H, W)`` for one image ``(1, C, H, W)``."""
+        from monai.visualize import OcclusionSensitivity
+
+        size = min(self.mask_size, *x.shape[-2:])
+        occ = OcclusionSensitivity(nn_module=self.model, mask_size=size, n_batch=self.n_batch,
+                                   verbose=self.progress, mode=self.occlusion_mode,
+                                   overlap=self.occlusion_overlap(), activate=self._act)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MONAI's own indexing deprecation notes
+            occ_map, _ = occ(x.float())
+        p0 = self.prob(x)[0]
+        return (p0 - occ_map[0, self.class_idx].detach().cpu().numpy()).astype(np.float32)
+
+    def map(self, x: Tensor, method: str = "gradcam") -> np.ndarray:
+        """Raw saliency ``(B, H, W)`` for a batch ``(B, C, H, W)`` (occlusion: one image at a time)."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        if method == "occlusion":
+            return np.stack([self.occlusion(x[i:i + 1]) for i in range(len(x))])
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        cam = self._cam(method, x)
+        with torch.enable_grad():
+            out = cam(x.float().clone().requires_grad_(True), class_idx=self.class_idx)
+        return out[:, 0].detach().cpu().numpy().astype(np.float32)
+
+
+def normalise(saliency: np.ndarray) -> np.ndarray:
+    """Positive part scaled to max 1, so fold maps of different magnitude weigh the same; zeros stay zeros."""
+    pos = np.clip(np.nan_to_num(np.asarray(saliency, dtype=np.float32)), 0, None)
+    peak = pos.max() if pos.size else 0.0
+    return pos / peak if peak > 0 else pos
+
+
+def ensemble_map(explainers: Sequence[Explainer], x: Tensor, method: str = "gradcam") -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the normalised per-model maps ``(H, W)`` and the per-model maps ``(K, H, W)`` for one image."""
+    maps = np.stack([normalise(e.map(x, method)[0]) for e in explainers])
+    return maps.mean(0), maps
+
+
+def ensemble_prob(explainers: Sequence[Explainer]) -> Callable[[Tensor], np.ndarray]:
+    """Mean probability over the fold models: the ensemble whose maps are averaged."""
+    return lambda x: np.mean([e.prob(x) for e in explainers], axis=0)
+
+
+# ----------------------------------------------------------------------------- localisation
+
+
+def is_zero_map(saliency: np.ndarray) -> bool:
+    """No positive, finite evidence anywhere: scores would divide by zero."""
+    s = np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return not (s > 0).any()
+
+
+def pointing_game(saliency: np.ndarray, lesion: np.ndarray | None, tolerance: float = 2.0) -> float:
+    """1.0 when the map's maximum lies within ``tolerance`` pixels of the lesion, else 0.0.
+
+    NaN when there is no lesion to point at or the map has no positive value (see ``is_zero_map``).
+    """
+    if lesion is None or not np.asarray(lesion).any() or is_zero_map(saliency):
+        return float("nan")
+    lesion = np.asarray(lesion) > 0
+    s = np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=-np.inf)
+    peak = np.unravel_index(int(np.argmax(s)), s.shape)
+    dist = ndimage.distance_transform_edt(~lesion)
+    return float(dist[peak] <= tolerance)
+
+
+def energy_inside(saliency: np.ndarray, lesion: np.ndarray | None) -> float:
+    """Share of the map's positive energy inside the lesion mask (1.0 = all of it); NaN if undefined."""
+    if lesion is None or not np.asarray(lesion).any() or is_zero_map(saliency):
+        return float("nan")
+    pos = np.clip(np.nan_to_num(np.asarray(saliency, dtype=np.float64)), 0, None)
+    return float(pos[np.asarray(lesion) > 0].sum() / pos.sum())
+
+
+def random_map(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Uniform noise of the map's shape: the 'explanation' that knows nothing."""
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- faithfulness
+
+
+def baseline_image(x: Tensor, kind: str | float = "blur", sigma: float = 4.0) -> Tensor:
+    """What deleted pixels become: a heavily blurred copy (default), the image mean, zero or a constant."""
+    if isinstance(kind, int | float) and not isinstance(kind, bool):
+        return torch.full_like(x, float(kind))
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind == "mean":
+        return torch.full_like(x, float(x.mean()))
+    if kind == "blur":
+        arr = x.detach().cpu().numpy()
+        sig = (0,) * (arr.ndim - 2) + (sigma, sigma)
+        return torch.from_numpy(ndimage.gaussian_filter(arr, sig, mode="nearest")).to(x)
+    raise ValueError(f"baseline must be one of {BASELINES} or a number, got {kind!r}")
+
+
+def deletion_curve(prob_fn: Callable[[Tensor], np.ndarray], x: Tensor, saliency: np.ndarray, n_steps: int = 20,
+                   baseline: str | float = "blur", seed: int = 0, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Class probability as the most relevant pixels are replaced by the baseline first.
+
+    ``x`` is one image ``(1, C, H, W)``; a pixel is deleted in all channels (2.5D slices) at once. Ties in the
+    map (e.g. an all-zero map) are broken at random with ``seed``. Returns (fractions deleted, probabilities),
+    ``n_steps + 1`` points from 0 to 1.
+    """
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image (1, C, H, W), got {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if saliency.shape != (h, w):
+        raise ValueError(f"map shape {saliency.shape} differs from image {(h, w)}")
+    s = np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=-np.inf).ravel()
+    tie = np.random.default_rng(seed).random(s.size)
+    order = np.lexsort((tie, -s))  # descending saliency, random among equals
+    rank = np.empty(s.size, dtype=np.int64)
+    rank[order] = np.arange(s.size)
+    fractions = np.linspace(0.0, 1.0, n_steps + 1)
+    counts = np.round(fractions * s.size).astype(np.int64)
+    base = baseline_image(x, baseline)
+    rank_t = torch.from_numpy(rank.reshape(h, w))
+    probs = []
+    for i in range(0, len(counts), batch):
+        keep = torch.stack([(rank_t >= c) for c in counts[i:i + batch]])[:, None].to(x.device)  # (b,1,H,W)
+        probs.append(prob_fn(torch.where(keep, x, base)))
+    return fractions, np.concatenate(probs)
+
+
+def curve_auc(fractions: np.ndarray, probs: np.ndarray) -> float:
+    """Area under a deletion curve (trapezoid over the deleted fraction 0..1); lower = more faithful."""
+    return float(np.trapezoid(probs, fractions))
+
+
+# ----------------------------------------------------------------------------- randomisation sanity check
+
+
+def parameter_layers(model: nn.Module) -> list[str]:
+    """Names of leaf modules with their own parameters, output side first (the cascade order)."""
+    names = [n for n, m in model.named_modules()
+             if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    return names[::-1]
+
+
+def _randomise(mod: nn.Module) -> None:
+    if hasattr(mod, "reset_parameters"):
+        mod.reset_parameters()
+    else:
+        for p in mod.parameters(recurse=False):
+            nn.init.normal_(p, 0.0, 0.02)
+    for name, buf in mod.named_buffers(recurse=False):  # e.g. running stats of custom norms
+        if name == "running_mean":
+            buf.zero_()
+        elif name == "running_var":
+            buf.fill_(1.0)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation of two maps; NaN when either is constant (e.g. all zero)."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam", n_steps: int | None = None,
+                        seed: int = 0) -> pd.DataFrame:
+    """Cascading randomisation (Adebayo et al. 2018): re-initialise layers from the output down, one group
+    at a time, and measure the rank correlation of each map with the trained model's map.
+
+    A map that explains the *model* must change as the model is destroyed; a map that stays similar is
+    an edge detector. ``n_steps`` groups the layers into that many steps (None = one layer per step).
+    Returns one row per step: ``step, layer, n_randomised, spearman, zero_map`` (step 0 = trained model).
+    """
+    ref = explainer.map(x, method)[0]
+    model = copy.deepcopy(explainer.model)
+    layers = parameter_layers(model)
+    groups = [[n] for n in layers] if not n_steps else [list(g) for g in np.array_split(layers, n_steps) if len(g)]
+    mods = dict(model.named_modules())
+    settings = {k: getattr(explainer, k) for k in ("task", "class_idx", "target_layer", "mask_size", "stride",
+                                                   "overlap", "occlusion_mode", "n_batch")}
+    settings["target_layer"] = explainer.layer(x) if method != "occlusion" else explainer.target_layer
+    rows = [{"step": 0, "layer": "(trained)", "n_randomised": 0, "spearman": spearman(ref, ref),
+             "zero_map": is_zero_map(ref)}]
+    done = 0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for step, group in enumerate(groups, start=1):
+            for name in group:
+                _randomise(mods[name])
+            done += len(group)
+            # A fresh copy per step: MONAI's hooks would otherwise pile up on the shared model.
+            rand = Explainer(copy.deepcopy(model), **settings).map(x, method)[0]
+            rows.append({"step": step, "layer": group[-1], "n_randomised": done, "spearman": spearman(ref, rand),
+                         "zero_map": is_zero_map(rand)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- one case, all checks
+
+
+@dataclass
+class CaseResult:
+    """Maps and scores of one case: ``maps[method]`` is the ensemble map, ``rows`` the metrics."""
+
+    case_id: str
+    image: np.ndarray
+    lesion: np.ndarray | None
+    prob: float
+    maps: dict[str, np.ndarray]
+    rows: list[dict]
+    curves: dict[str, np.ndarray] = field(default_factory=dict)  # ensemble deletion curve per method
+
+
+def score_map(prob_fn: Callable[[Tensor], np.ndarray], x: Tensor, saliency: np.ndarray, lesion: np.ndarray | None,
+              tolerance: float, n_steps: int, baseline: str | float, seed: int) -> tuple[dict, np.ndarray]:
+    """All per-map numbers (pointing game, energy inside, deletion AUC, flags) and the deletion curve."""
+    fr, pr = deletion_curve(prob_fn, x, saliency, n_steps, baseline, seed)
+    has_lesion = lesion is not None and bool(np.asarray(lesion).any())
+    scores = {"zero_map": is_zero_map(saliency), "has_lesion": has_lesion,
+              "pointing": pointing_game(saliency, lesion, tolerance),
+              "energy_inside": energy_inside(saliency, lesion), "deletion_auc": curve_auc(fr, pr),
+              "prob_start": float(pr[0]), "prob_end": float(pr[-1])}
+    return scores, pr
+
+
+def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray | None, case_id: str = "",
+                 methods: Iterable[str] = ("gradcam",), tolerance: float = 2.0, n_steps: int = 20,
+                 baseline: str | float = "blur", seed: int = 0, per_fold: bool = True) -> CaseResult:
+    """Maps of every method for one image ``(1, C, H, W)``, per fold model and averaged, each scored.
+
+    A ``random`` map is scored alongside as the baseline every method must beat. Rows carry ``fold``
+    (an int, or ``"ensemble"``); localisation columns are NaN when the case has no lesion in the input.
+    """
+    ens_prob = ensemble_prob(explainers)
+    p = float(ens_prob(x)[0])
+    shape = tuple(x.shape[-2:])
+    maps: dict[str, np.ndarray] = {}
+    curves: dict[str, np.ndarray] = {}
+    rows: list[dict] = []
+    for method in [*methods, "random"]:
+        if method == "random":
+            per_model = np.stack([random_map(shape, seed + 7919 * (k + 1)) for k in range(len(explainers))])
+            mean = random_map(shape, seed)
+        else:
+            mean, per_model = ensemble_map(explainers, x, method)
+        maps[method] = mean
+        targets = [("ensemble", mean, ens_prob)]
+        if per_fold:
+            targets += [(k, per_model[k], explainers[k].prob) for k in range(len(explainers))]
+        for fold, sal, fn in targets:
+            scores, curve = score_map(fn, x, sal, lesion, tolerance, n_steps, baseline, seed)
+            rows.append({"case_id": case_id, "method": method, "fold": fold, "prob": p, **scores})
+            if fold == "ensemble":
+                curves[method] = curve
+    return CaseResult(case_id, x[0].detach().cpu().numpy(), lesion, p, maps, rows, curves)
+
+
+def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence[np.ndarray | None],
+                  case_ids: Sequence[str], progress: bool = True, **kw) -> tuple[pd.DataFrame, list[CaseResult]]:
+    """``explain_case`` over many images with a progress bar; returns (metrics table, per-case results)."""
+    results = [explain_case(explainers, xs[i:i + 1], lesions[i], str(case_ids[i]), **kw)
+               for i in tqdm(range(len(xs)), desc="explain", disable=not progress)]
+    table = pd.DataFrame([r for res in results for r in res.rows])
+    return table, results
+
+
+def summarise(table: pd.DataFrame, by: Sequence[str] = ("method", "fold")) -> pd.DataFrame:
+    """Per method (and fold): pointing-game hit rate, mean energy inside, mean deletion AUC, counts of
+    scored / lesion-free / all-zero maps. NaNs (no lesion, zero map) are left out of the means."""
+    t = table.assign(fold=table["fold"].astype(str))
+    g = t.groupby(list(by), sort=False)
+    out = g.agg(n=("case_id", "size"), n_localised=("pointing", "count"), pointing=("pointing", "mean"),
+                energy_inside=("energy_inside", "mean"), deletion_auc=("deletion_auc", "mean"),
+                zero_maps=("zero_map", "sum"))
+    return out.reset_index()
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def display_slice(image: np.ndarray, lesion: np.ndarray | None = None) -> np.ndarray:
+    """The 2D picture under an overlay: for a 2.5D input the slice where the lesion stands out most from
+    the rest of the image (the 2D lesion mask does not say which slice holds it), else the middle slice."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        return image
+    if lesion is not None and np.asarray(lesion).any():
+        inside = np.asarray(lesion) > 0
+        contrast = [abs(float(c[inside].mean()) - float(np.median(c))) for c in image]
+        return image[int(np.argmax(contrast))]
+    return image[len(image) // 2]
+
+
+def overlay(image: np.ndarray, saliency: np.ndarray, lesion: np.ndarray | None = None, title: str = "",
+            ax: plt.Axes | None = None, alpha: float = 0.45, cmap: str = "jet", colorbar: bool = True) -> plt.Axes:
+    """Image in grey, map in colour (with a colour bar), lesion outline in white."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.4, 3))
+    ax.imshow(display_slice(image, lesion), cmap="gray")
+    s = np.asarray(saliency, dtype=np.float32)
+    im = ax.imshow(s, cmap=cmap, alpha=alpha, vmin=min(0.0, float(np.nanmin(s))), vmax=max(float(np.nanmax(s)), 1e-6))
+    if lesion is not None and np.asarray(lesion).any():
+        ax.contour(np.asarray(lesion).astype(float), levels=[0.5], colors="white", linewidths=0.8)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    return ax
+
+
+def save_overlay(path: str | Path, result: CaseResult, methods: Sequence[str] | None = None, dpi: int = 110) -> Path:
+    """One PNG per case: every method's ensemble map over the image, each with a colour bar."""
+    methods = list(methods or result.maps)
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.1), squeeze=False)
+    for ax, m in zip(axes[0], methods, strict=True):
+        overlay(result.image, result.maps[m], result.lesion, f"{result.case_id} {m} p={result.prob:.2f}", ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def gallery(groups: dict[str, Sequence[CaseResult]], method: str = "gradcam", ncols: int = 4) -> plt.Figure:
+    """Rows of cases per group (e.g. TP / FP / FN), one overlay each; empty groups say so."""
+    names = list(groups)
+    fig, axes = plt.subplots(len(names), ncols, figsize=(3.2 * ncols, 3.0 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        cases = list(groups[name])[:ncols]
+        for c in range(ncols):
+            ax = axes[r, c]
+            if c < len(cases):
+                res = cases[c]
+                overlay(res.image, res.maps[method], res.lesion, f"{name} {res.case_id} p={res.prob:.2f}", ax=ax)
+            else:
+                ax.axis("off")
+                if c == 0:
+                    ax.text(0.5, 0.5, f"{name}: no cases", ha="center", va="center")
+    fig.suptitle(f"{method} (ensemble mean); white = lesion outline")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- checkpoints and cases (notebook 05)
+
+
+def fold_checkpoints(run_dir: str | Path, name: str) -> list[Path]:
+    """``run_dir/kfold/<name>/fold<k>/best.pt`` in fold order (empty when stage 04 has not run)."""
+    root = Path(run_dir) / "kfold" / name
+    found = sorted(root.glob("fold*/best.pt"), key=lambda p: int("".join(ch for ch in p.parent.name if ch.isdigit())
+                                                                 or -1))
+    return found
+
+
+def load_ensemble(paths: Sequence[str | Path], device: str = "cpu") -> tuple[list[nn.Module], dict]:
+    """Fold models and their shared recipe; folds trained on different inputs or labels are an error."""
+    from lib.io import DataError
+    from lib.models import load_checkpoint
+
+    if not paths:
+        raise DataError("kfold", "no fold checkpoints given")
+    models, metas = zip(*(load_checkpoint(p, device) for p in paths), strict=True)
+    keys = ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing")
+    for p, m in zip(paths[1:], metas[1:], strict=True):
+        diff = [k for k in keys if m.get(k) != metas[0].get(k)]
+        if diff:
+            raise DataError(p, f"fold checkpoint differs from {paths[0]} in {diff}: not one ensemble")
+    return list(models), dict(metas[0])
+
+
+def class_index(meta: dict, label: str | None = None) -> int:
+    """Output to explain: ``label`` by name, else the only output (binary) or output 1 (two-class softmax)."""
+    names = list(meta.get("label_names") or [])
+    if label is not None:
+        if label not in names:
+            raise ValueError(f"label {label!r} not among the model's outputs {names}")
+        return names.index(label) if meta.get("task") != "binary" else 0
+    if meta.get("task") == "multiclass" and int(meta.get("num_classes", 1)) == 2:
+        return 1
+    return 0
+
+
+def lesion_input(lesion: np.ndarray, mask: np.ndarray | None, prep: dict, threshold: float = 0.3) -> np.ndarray:
+    """A crop's lesion mask ``(S, H, W)`` put through the model's own input transform, as one 2D mask.
+
+    The same slice choice and resize as the image (``datasets.crop_to_input``), then any slice (channel)
+    with lesion counts: the 2D map of a 2.5D input is shared by all its slices. Resizing blurs small
+    lesions, hence a threshold below one half.
+    """
+    from lib.datasets import crop_to_input
+
+    arr = crop_to_input(np.asarray(lesion, dtype=np.float32) > 0, mask, prep.get("kind", "slab"),
+                        int(prep.get("n_slices", 8)), int(prep.get("size", 64)), prep.get("mask_mode", "none"))
+    return (arr > threshold).any(0)
+
+
+def read_lesion(path: str | Path) -> np.ndarray | None:
+    """The ``lesion`` array of a crop ``.npz``, or None when the crop has none (real data)."""
+    with np.load(path) as z:
+        return np.asarray(z["lesion"]) if "lesion" in z.files else None
+
+
+def crop_lesions(crops_dir: str | Path, table: pd.DataFrame, prep: dict) -> list[np.ndarray | None]:
+    """2D lesion masks matching each row's model input (None where the crop has no lesion array)."""
+    from lib.datasets import read_crop
+
+    out: list[np.ndarray | None] = []
+    for rel in table["path"]:
+        path = Path(crops_dir) / rel
+        lesion = read_lesion(path)
+        _, mask = read_crop(path)
+        out.append(None if lesion is None else lesion_input(lesion, mask, prep))
+    return out
+
+
+def outcomes(truth: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """TP / FP / FN / TN per case (truth 1/0, predicted = prob >= threshold)."""
+    truth = np.asarray(truth).astype(bool)
+    pred = np.asarray(prob) >= threshold
+    return np.select([truth & pred, ~truth & pred, truth & ~pred], ["TP", "FP", "FN"], "TN")
+
+
+def pick_cases(groups: np.ndarray, n_cases: int, seed: int, order: Sequence[str] = ("TP", "FN", "FP", "TN")
+               ) -> np.ndarray:
+    """Up to ``n_cases`` row indices, taken in turn from each outcome group (shuffled with ``seed``), so
+    the gallery has errors as well as successes."""
+    rng = np.random.default_rng(seed)
+    pools = {g: list(rng.permutation(np.flatnonzero(groups == g))) for g in order}
+    picked: list[int] = []
+    while len(picked) < n_cases and any(pools.values()):
+        for g in order:
+            if pools[g] and len(picked) < n_cases:
+                picked.append(int(pools[g].pop(0)))
+    return np.array(sorted(picked), dtype=int)
+
+
+@dataclass
+class Cases:
+    """Inputs the ensemble is explained on: ``x`` (N, C, H, W), a table (``case_id``, ``truth``, ``prob``,
+    ``outcome``, ...) and 2D lesion masks (None where unknown), all row-aligned."""
+
+    x: Tensor
+    table: pd.DataFrame
+    lesions: list[np.ndarray | None]
+
+    def take(self, idx: Sequence[int]) -> Cases:
+        idx = list(idx)
+        return Cases(self.x[idx], self.table.iloc[idx].reset_index(drop=True), [self.lesions[i] for i in idx])
+
+
+def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explainer], profile: str, seed: int,
+                    threshold: float = 0.5, crops_dir: str | Path | None = None) -> Cases:
+    """Crops of the synthetic cohort as the models saw them, with ground-truth labels and lesion masks.
+
+    Inputs are rebuilt from the checkpoint's ``preprocessing`` by ``datasets.crop_dataset`` (the training
+    code), labels are the cohort's ground truth (not the report labels), and every case gets the
+    ensemble probability and its outcome (TP/FP/FN/TN at ``threshold``).
+    """
+    from lib import datasets, synth
+
+    prep = dict(meta.get("preprocessing") or {})
+    crops_dir = Path(crops_dir) if crops_dir else Path(run_dir) / "crops"
+    if not (crops_dir / "index.csv").exists():
+        from lib import crop
+
+        crop.ensure_crops(run_dir, profile, seed)
+    truth = datasets.load_labels("truth", cohort_dir=synth.ensure_cohort(profile, seed))
+    cols = list(prep.get("label_cols") or meta.get("label_names") or [])
+    ds = datasets.crop_dataset(crops_dir, truth, cols, organ=prep.get("organ"), task=meta["task"],
+                               kind=prep.get("kind", "slab"), n_slices=int(prep.get("n_slices", 8)),
+                               size=int(prep.get("size", 64)), mask_mode=prep.get("mask_mode", "none"))
+    k = explainers[0].class_idx
+    y = ds.y.numpy()
+    truth_k = (y == k) if meta["task"] == "multiclass" else y.reshape(len(y), -1)[:, k]
+    prob = np.concatenate([ensemble_prob(explainers)(ds.x[i:i + 64]) for i in range(0, len(ds.x), 64)])
+    table = ds.table.assign(truth=truth_k.astype(int), prob=prob, outcome=outcomes(truth_k, prob, threshold))
+    lesions = crop_lesions(crops_dir, table, prep)
+    table["lesion_pixels"] = [int(les.sum()) if les is not None else 0 for les in lesions]
+    return Cases(ds.x, table, lesions)
+
+
+def curves_frame(results: Sequence[CaseResult]) -> pd.DataFrame:
+    """Long table of the ensemble deletion curves: case_id, method, fraction deleted, probability."""
+    rows = []
+    for r in results:
+        for method, probs in r.curves.items():
+            fr = np.linspace(0.0, 1.0, len(probs))
+            rows += [{"case_id": r.case_id, "method": method, "fraction": f, "prob": p}
+                     for f, p in zip(fr, probs, strict=True)]
+    return pd.DataFrame(rows)
+
+
+def gains(summary: pd.DataFrame, method: str = "gradcam", fold: str = "ensemble") -> dict[str, float]:
+    """How much ``method`` beats the random map: pointing-game and energy gains (higher is better) and the
+    deletion-AUC gain (random minus method: positive when the map finds what the model uses)."""
+    s = summary[summary["fold"].astype(str) == fold].set_index("method")
+    return {"pointing_gain": float(s.loc[method, "pointing"] - s.loc["random", "pointing"]),
+            "energy_gain": float(s.loc[method, "energy_inside"] - s.loc["random", "energy_inside"]),
+            "deletion_gain": float(s.loc["random", "deletion_auc"] - s.loc[method, "deletion_auc"])}
+
+
+def find_checkpoints(run_dir: str | Path, kfold_name: str | None = None,
+                     checkpoints: Sequence[str | Path] | None = None, profile: str = "smoke",
+                     seed: int = 0) -> tuple[list[Path], str]:
+    """Fold checkpoints to explain and the k-fold run's name.
+
+    Explicit ``checkpoints`` win; else ``run_dir/kfold/<kfold_name>/fold*/best.pt`` (the only or first name
+    when None). When stage 04 has not run in ``run_dir``, its idempotent entry point trains the folds.
+    """
+    from lib.io import DataError
+
+    if checkpoints:
+        paths = [Path(p) for p in checkpoints]
+        return paths, kfold_name or paths[0].parent.parent.name
+    root = Path(run_dir) / "kfold"
+
+    def existing() -> list[str]:
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("fold*/best.pt"))) \
+            if root.exists() else []
+
+    names = existing()
+    if kfold_name not in names and not (kfold_name is None and names):
+        from lib import kfold
+
+        ensure = getattr(kfold, "ensure_kfold", None)
+        if ensure is None:
+            raise DataError(root, "no fold checkpoints; run notebook 04 (k-fold) first")
+        ensure(run_dir=run_dir, profile=profile, seed=seed, **({"name": kfold_name} if kfold_name else {}))
+        names = existing()
+    name = kfold_name or (names[0] if names else None)
+    paths = fold_checkpoints(run_dir, name) if name else []
+    if not paths:
+        raise DataError(root / str(name), "no fold checkpoints fold*/best.pt")
+    return paths, name
