@@ -1,0 +1,254 @@
+"""Export a trained model or a fold ensemble to ONNX, with the files the service needs, and check parity.
+
+Why: the HTTP service must not depend on torch, and must apply exactly the preprocessing the model was
+trained with. The export folder is self-describing: ``model.onnx`` (probabilities computed INSIDE the
+graph, fold models averaged there, dynamic batch axis), ``labels.json`` (output column -> label name),
+``metadata.json`` (input shape, preprocessing spec passed to ``lib.imageio.preprocess``, model, run id,
+metrics, parity figure), a ``sample.*`` file the service can score at ``/predict/test``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lib.io import DataError
+
+OPSET = 17
+PARITY_TOL = 1e-4
+SAMPLE_EXT = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "bmp": ".bmp", "dicom": ".dcm", "nifti": ".nii.gz"}
+
+
+class ProbabilityEnsemble(nn.Module):
+    """Mean of the members' probabilities (sigmoid/softmax inside the graph), one column per label.
+
+    Binary models (one logit) give two columns ``[1 - p, p]`` so every task serves the same way.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], task: str) -> None:
+        super().__init__()
+        if task not in ("binary", "multiclass", "multilabel"):
+            raise ValueError(f"export supports binary|multiclass|multilabel classifiers, got task {task!r}")
+        self.members = nn.ModuleList(models)
+        self.task = task
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = []
+        for m in self.members:
+            logits = m(x).float()
+            probs.append(logits.softmax(1) if self.task == "multiclass" else logits.sigmoid())
+        p = torch.stack(probs).mean(0)
+        if self.task == "binary":
+            p = torch.cat([1 - p[:, :1], p[:, :1]], 1)
+        return p
+
+
+def output_labels(meta: dict) -> list[str]:
+    """Names of the exported output columns (binary: negative then positive class)."""
+    names = list(meta.get("label_names") or [])
+    task = meta.get("task", "binary")
+    if task == "binary":
+        classes = list((meta.get("preprocessing") or {}).get("classes") or [])
+        pos = names[0] if names else (classes[1] if len(classes) == 2 else "positive")
+        neg = classes[0] if len(classes) == 2 and classes[1] == pos else f"not {pos}"
+        return [neg, pos]
+    n = int(meta.get("num_classes", len(names)))
+    return names if len(names) == n else [f"class_{k}" for k in range(n)]
+
+
+def input_spec(meta: dict) -> dict:
+    """The ``lib.imageio.preprocess`` spec from a checkpoint's ``preprocessing`` (channels filled from the model)."""
+    spec = dict(meta.get("preprocessing") or {})
+    spec.setdefault("channels", int(meta.get("in_chans", 1)))
+    spec.setdefault("size", 128)
+    if spec.get("source") == "crops":
+        spec.setdefault("normalise", "none")  # crops are already windowed to [0, 1] by lib.crop
+    return spec
+
+
+def input_shape(spec: dict) -> list[int]:
+    """Network input shape without the batch axis, as ``preprocess`` produces it."""
+    size = spec["size"]
+    h, w = (size, size) if np.isscalar(size) else size
+    if spec.get("kind") == "3d":
+        return [1, int(spec.get("n_slices", 8)), int(h), int(w)]
+    return [int(spec["channels"]), int(h), int(w)]
+
+
+def load_members(paths: Sequence[str | Path]) -> tuple[list[nn.Module], dict]:
+    """Fold checkpoints -> models + the shared meta; folds must agree on the recipe."""
+    from lib.models import load_checkpoint
+
+    if not paths:
+        raise DataError("checkpoints", "no checkpoints given")
+    models, metas = zip(*(load_checkpoint(p) for p in paths), strict=True)
+    keys = ("model_name", "in_chans", "num_classes", "task", "label_names")
+    for p, m in zip(paths, metas, strict=True):
+        diff = [k for k in keys if m.get(k) != metas[0].get(k)]
+        if diff:
+            raise DataError(p, f"checkpoint differs from {paths[0]} in {diff}: cannot ensemble")
+    return list(models), dict(metas[0])
+
+
+def export_onnx(model: nn.Module, path: str | Path, shape: Sequence[int], opset: int = OPSET) -> Path:
+    """``torch.onnx.export`` (TorchScript exporter: no onnxscript needed) with a dynamic batch axis, checked."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    dummy = torch.zeros(2, *shape)
+    with torch.no_grad():
+        torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["probabilities"],
+                          dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)))
+    return path
+
+
+def ort_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session (``threads`` intra-op threads; the service and the benchmark share this)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def parity(model: nn.Module, onnx_path: str | Path, x: np.ndarray) -> float:
+    """Max |ONNX Runtime - torch| over the probabilities of batch ``x``."""
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+    out = ort_session(onnx_path).run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
+    return float(np.abs(out - ref).max())
+
+
+def _json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=2, default=_to_plain) + "\n")
+    return path
+
+
+def _to_plain(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray | tuple):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: str | Path,
+                 sample: str | Path | None = None, parity_inputs: np.ndarray | None = None,
+                 run_id: str = "", metrics: dict | None = None, tol: float = PARITY_TOL,
+                 extra: dict | None = None) -> dict:
+    """Write ``model.onnx``, ``labels.json``, ``metadata.json`` (+ ``sample.*``) and return the metadata.
+
+    ``sample`` is a real image file (any type ``lib.imageio`` reads) copied as the service's test input;
+    ``parity_inputs`` (N, *input_shape) are preprocessed inputs for the ONNX vs torch check (random inputs in
+    [0, 1] when None). Raises ``AssertionError`` when parity exceeds ``tol``.
+    """
+    from lib import imageio
+
+    members = [models] if isinstance(models, nn.Module) else list(models)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = input_spec(meta)
+    shape = input_shape(spec)
+    ens = ProbabilityEnsemble(members, meta.get("task", "binary")).eval()
+    onnx_path = export_onnx(ens, out_dir / "model.onnx", shape)
+    labels = output_labels(meta)
+    sample_info = None
+    if sample is not None:
+        data = Path(sample).read_bytes()
+        kind = imageio.sniff_type(data)
+        if kind is None:
+            raise DataError(sample, "sample is not an image type the service reads")
+        target = out_dir / f"sample{SAMPLE_EXT[kind]}"
+        shutil.copyfile(sample, target)
+        x = imageio.load_input(target, spec)[None]
+        if parity_inputs is None:
+            parity_inputs = np.concatenate([x, np.random.default_rng(0).random((3, *shape), dtype=np.float32)])
+        with torch.no_grad():
+            probs = ens(torch.from_numpy(x))[0].numpy()
+        sample_info = {"file": target.name, "type": kind,
+                       "torch_probabilities": dict(zip(labels, map(float, probs), strict=True))}
+    if parity_inputs is None:
+        parity_inputs = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
+    max_diff = parity(ens, onnx_path, parity_inputs)
+    assert max_diff <= tol, f"ONNX Runtime vs torch max |diff| {max_diff:.3g} > {tol}"
+    metadata = {
+        "format": "mednb-onnx-1",
+        "model_name": meta.get("model_name"), "task": meta.get("task"), "n_models": len(members),
+        "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "input": {"name": "input", "shape": [None, *shape], "dtype": "float32", "channels": shape[0]},
+        "output": {"name": "probabilities", "shape": [None, len(labels)], "labels": labels,
+                   "meaning": "mean over fold models of per-label probabilities"
+                   + (" (softmax, sums to 1)" if meta.get("task") == "multiclass" else
+                      " ([1-p, p] of one sigmoid)" if meta.get("task") == "binary" else " (independent sigmoids)")},
+        "preprocessing": spec, "label_names": labels, "metrics": metrics or meta.get("metrics") or {},
+        "parity": {"max_abs_diff": max_diff, "tolerance": tol, "n_inputs": int(len(parity_inputs))},
+        "onnx": {"opset": OPSET, "file": onnx_path.name, "bytes": onnx_path.stat().st_size},
+        "sample": sample_info, **(extra or {}),
+    }
+    _json(out_dir / "labels.json", {str(i): name for i, name in enumerate(labels)})
+    _json(out_dir / "metadata.json", metadata)
+    return metadata
+
+
+def export_checkpoints(paths: Sequence[str | Path], out_dir: str | Path, **kw: Any) -> dict:
+    """Fold checkpoints (``.../fold<k>/best.pt``) -> one ONNX ensemble export (see ``export_model``)."""
+    models, meta = load_members(paths)
+    kw.setdefault("extra", {})
+    kw["extra"] = {**kw["extra"], "checkpoints": [Path(p).parent.name + "/" + Path(p).name for p in paths]}
+    return export_model(models, meta, out_dir, **kw)
+
+
+def kfold_checkpoints(run_dir: str | Path, name: str) -> list[Path]:
+    """``run_dir/kfold/<name>/fold<k>/best.pt`` in fold order (empty when the k-fold stage has not run)."""
+    root = Path(run_dir) / "kfold" / name
+    return sorted(root.glob("fold*/best.pt"), key=lambda p: int("".join(c for c in p.parent.name if c.isdigit())
+                                                                    or 0))
+
+
+def latency(model: nn.Module, onnx_path: str | Path, shape: Sequence[int], batch: int = 1, n: int = 50,
+            warmup: int = 5, threads: int = 1) -> dict:
+    """Median latency (ms) of torch eager vs ONNX Runtime on the same input, both with ``threads`` threads."""
+    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = model.eval()
+        xt = torch.from_numpy(x)
+
+        def run_torch() -> None:
+            with torch.inference_mode():
+                model(xt)
+
+        sess = ort_session(onnx_path, threads)
+        torch_ms = _median_ms(run_torch, n, warmup)
+        ort_ms = _median_ms(lambda: sess.run(None, {"input": x}), n, warmup)
+    finally:
+        torch.set_num_threads(prev)
+    return {"batch": batch, "threads": threads, "torch_ms": torch_ms, "onnx_ms": ort_ms,
+            "speedup": torch_ms / ort_ms}
+
+
+def _median_ms(fn, n: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))

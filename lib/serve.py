@@ -1,0 +1,273 @@
+"""HTTP service for an exported model: FastAPI on ONNX Runtime, no torch at serve time.
+
+Why: clinicians send PNG/JPG, DICOM or NIfTI files and want probabilities back. The service reuses
+``lib.imageio`` (the same ``preprocess`` as training) and the export folder written by ``lib.export``.
+Safety rules: it never opens a path sent by a client (uploads only), caps upload size (413), detects the
+type by content (415), answers malformed files with 400 and our own message, never logs or returns
+patient-identifying DICOM tags (nor client file names), and binds to 127.0.0.1 unless told otherwise.
+
+Run: ``python -m lib.serve --model outputs/runs/<run>/export/<name>`` then open http://127.0.0.1:8000/.
+One-off: ``python -m lib.serve --model <dir> --predict image.dcm`` prints the probabilities as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from lib import imageio
+from lib.io import DataError
+
+log = logging.getLogger("lib.serve")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_UPLOAD_MB = 20.0
+Upload = Annotated[UploadFile, File(description="PNG, JPG, DICOM or NIfTI image")]
+UPLOAD_NAME = "upload"  # what errors call an uploaded file: the client's file name may identify a patient
+
+
+@dataclass
+class Predictor:
+    """An export folder loaded for inference: ONNX session + labels + preprocessing spec."""
+
+    model_dir: Path
+    threads: int = 1
+    metadata: dict = field(init=False)
+    labels: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = Path(self.model_dir)
+        meta_path, labels_path, onnx_path = (self.model_dir / n for n in ("metadata.json", "labels.json",
+                                                                            "model.onnx"))
+        for p in (meta_path, labels_path, onnx_path):
+            if not p.is_file():
+                raise DataError(p, "export file missing (run lib.export / notebook 07 first)")
+        try:
+            self.metadata = json.loads(meta_path.read_text())
+            labels = json.loads(labels_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(meta_path, f"invalid JSON ({exc})") from exc
+        self.labels = [labels[str(i)] for i in range(len(labels))]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.spec = dict(self.metadata.get("preprocessing") or {})
+
+    def predict_arrays(self, x: np.ndarray) -> np.ndarray:
+        """Preprocessed batch ``(N, *input_shape)`` -> probabilities ``(N, n_labels)``."""
+        return self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def predict_source(self, src: str | Path | bytes, name: str | None = None) -> dict:
+        """One image (bytes or a server-side path) -> ``{"probabilities", "label", "probability", "input"}``."""
+        t0 = time.perf_counter()
+        image, info = imageio.read_image_with_meta(src, frame=self.spec.get("frame"), name=name)
+        x = imageio.preprocess(image, self.spec, name=name or UPLOAD_NAME)
+        probs = self.predict_arrays(x[None])[0]
+        top = int(np.argmax(probs))
+        return {"probabilities": {k: float(p) for k, p in zip(self.labels, probs, strict=True)},
+                "label": self.labels[top], "probability": float(probs[top]),
+                "input": {"type": info["type"], "shape": info["shape"],
+                          **({"modality": info["dicom"].get("Modality")} if "dicom" in info else {})},
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    def sample_path(self) -> Path | None:
+        sample = (self.metadata.get("sample") or {}).get("file")
+        return self.model_dir / Path(sample).name if sample else None
+
+
+def predict_proba(path: str | Path, model_dir: str | Path) -> dict[str, float]:
+    """Probabilities per label for one image file of any supported type (PNG/JPG/DICOM/NIfTI)."""
+    return Predictor(Path(model_dir)).predict_source(Path(path))["probabilities"]
+
+
+# ----------------------------------------------------------------------------- app
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mednb classifier</title>
+<style>body{font-family:sans-serif;max-width:40em;margin:2em auto}table{border-collapse:collapse}
+td,th{padding:.2em .8em;border-bottom:1px solid #ccc}.bar{background:#4a7;height:.8em}</style></head>
+<body><h1>Image classifier</h1>
+<p>Model <b id="model"></b>. Upload a PNG, JPG, DICOM or NIfTI file; it is scored in memory and not stored.</p>
+<form id="form"><input type="file" id="file" name="file" required> <button id="submit" type="submit">Predict</button>
+</form><p id="status"></p>
+<table id="result" hidden><thead><tr><th>label</th><th>probability</th><th></th></tr></thead><tbody></tbody></table>
+<script>
+fetch('metadata').then(r => r.json()).then(m => {
+  document.getElementById('model').textContent = (m.model_name || '?') + ' x' + (m.n_models || 1); });
+document.getElementById('form').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const status = document.getElementById('status'), table = document.getElementById('result');
+  const body = new FormData(); body.append('file', document.getElementById('file').files[0]);
+  status.textContent = 'scoring...'; table.hidden = true;
+  const r = await fetch('predict', {method: 'POST', body});
+  const out = await r.json();
+  if (!r.ok) { status.textContent = 'Error ' + r.status + ': ' + out.detail; return; }
+  status.textContent = 'Top label: ' + out.label + ' (' + out.probability.toFixed(3) + ')';
+  const tbody = table.querySelector('tbody'); tbody.replaceChildren();
+  for (const [label, p] of Object.entries(out.probabilities)) {
+    const tr = tbody.insertRow(); tr.className = 'prob';
+    tr.insertCell().textContent = label; tr.insertCell().textContent = p.toFixed(4);
+    const bar = document.createElement('div'); bar.className = 'bar'; bar.style.width = (p * 10) + 'em';
+    tr.insertCell().appendChild(bar);
+  }
+  table.hidden = false;
+});
+</script></body></html>
+"""
+
+
+def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, threads: int = 1):
+    """The FastAPI app; a model that fails to load leaves the app up with ``/health`` saying why."""
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    state: dict[str, Any] = {"predictor": None, "error": None}
+    try:
+        state["predictor"] = Predictor(Path(model_dir), threads=threads) if model_dir else None
+        if model_dir is None:
+            state["error"] = "no model directory given"
+    except (DataError, OSError, ValueError, RuntimeError) as exc:
+        state["error"] = str(exc)
+        log.error("model not loaded: %s", exc)
+    lock = threading.Lock()
+    stats = {"requests": 0}
+
+    app = FastAPI(title="mednb image classifier", version="1.0",
+                  description="Probabilities per label for an uploaded PNG/JPG/DICOM/NIfTI image (ONNX Runtime).")
+
+    @app.middleware("http")
+    async def limit_and_harden(request: Request, call_next):
+        """Refuse oversized bodies before they are parsed; no content sniffing by browsers."""
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+            return JSONResponse({"detail": f"upload larger than {max_upload_mb:g} MB"}, status_code=413)
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def predictor() -> Predictor:
+        if state["predictor"] is None:
+            raise HTTPException(503, f"model not loaded: {state['error']}")
+        return state["predictor"]
+
+    def read_upload(file: UploadFile) -> bytes:
+        data = file.file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"upload larger than {max_upload_mb:g} MB")
+        if not data:
+            raise HTTPException(400, "empty upload")
+        if imageio.sniff_type(data) is None:
+            raise HTTPException(415, "unsupported file type (detected by content; expected PNG, JPEG, TIFF, "
+                                     "BMP, DICOM or NIfTI)")
+        return data
+
+    def score(data: bytes) -> dict:
+        try:
+            out = predictor().predict_source(data, name=UPLOAD_NAME)
+        except DataError as exc:
+            log.info("rejected upload: %s", exc.problem)
+            raise HTTPException(400, f"cannot use this image: {exc.problem}") from exc
+        with lock:
+            stats["requests"] += 1
+        log.info("scored %s %s in %.1f ms", out["input"]["type"], out["input"]["shape"], out["latency_ms"])
+        return out
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return _PAGE
+
+    @app.get("/health")
+    def health() -> dict:
+        """Liveness plus whether the model is loaded."""
+        return {"health": "ok", "model_loaded": state["predictor"] is not None,
+                **({"error": state["error"]} if state["predictor"] is None else {}),
+                "requests": stats["requests"]}
+
+    @app.get("/metadata")
+    def metadata() -> dict:
+        """Input structure, prediction structure, preprocessing, model and a sample prediction."""
+        p = predictor()
+        return {**p.metadata, "prediction": {"probabilities": {k: "float in [0, 1]" for k in p.labels},
+                                             "label": "top label", "probability": "its probability"},
+                "max_upload_mb": max_upload_mb}
+
+    @app.get("/labels")
+    def labels() -> dict[str, str]:
+        """Output index -> label name."""
+        return {str(i): name for i, name in enumerate(predictor().labels)}
+
+    @app.post("/predict")
+    def predict(file: Upload) -> dict:
+        """Probabilities per label for the uploaded image."""
+        return score(read_upload(file))
+
+    @app.post("/predict/label")
+    def predict_label(file: Upload) -> dict:
+        """Only the top label and its probability."""
+        out = score(read_upload(file))
+        return {"label": out["label"], "probability": out["probability"]}
+
+    @app.get("/predict/test")
+    def predict_test() -> dict:
+        """Prediction on the sample shipped with the export (a server-side file, never a client path)."""
+        p = predictor()
+        path = p.sample_path()
+        if path is None or not path.is_file():
+            raise HTTPException(404, "this export has no sample file")
+        return {**p.predict_source(path.read_bytes(), name="sample"), "sample": path.name,
+                "expected": (p.metadata.get("sample") or {}).get("torch_probabilities")}
+
+    return app
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m lib.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="export folder (model.onnx, labels.json, metadata.json)")
+    ap.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1: local only)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ap.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--predict", nargs="+", metavar="IMAGE", help="score these local files, print JSON, exit")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.predict:
+        pred = Predictor(Path(args.model), threads=args.threads)
+        status = 0
+        for path in args.predict:
+            try:
+                out = {"file": path, **pred.predict_source(Path(path))}
+            except DataError as exc:
+                out, status = {"file": path, "error": exc.problem}, 1
+            print(json.dumps(out))
+        return status
+    import uvicorn
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: the service is reachable from other machines", args.host)
+    app = create_app(args.model, args.max_upload_mb, args.threads)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

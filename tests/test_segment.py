@@ -1,0 +1,253 @@
+"""2D segmentation: TRUS generator, metrics/losses against references, bad inputs, training to inference."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from lib import segment as sg
+from lib import synth_trus as st
+from lib.io import DataError
+from tests.conftest import shared
+
+TINY = replace(st.PROFILES["smoke"], n_patients=4, images_per_patient=2, size=32)
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+def test_trus_render_is_deterministic_and_seed_dependent() -> None:
+    a, ma, ra = st.render_image(TINY, 1, 0)
+    b, mb, rb = st.render_image(TINY, 1, 0)
+    c, _, _ = st.render_image(replace(TINY, seed=TINY.seed + 1), 1, 0)
+    assert np.array_equal(a, b) and ra == rb and all(np.array_equal(ma[k], mb[k]) for k in ma)
+    assert not np.array_equal(a, c)
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
+
+
+def test_trus_masks_nest_inside_fan_and_gland() -> None:
+    spec = replace(TINY, size=64)
+    for i in range(4):
+        img, m, rec = st.render_image(spec, i, 0)
+        assert set(np.unique(m["lesion"])) <= {0, 1}
+        assert not (m["lesion"] & ~m["gland"].astype(bool)).any()
+        assert not (m["gland"] & ~m["fov"].astype(bool)).any()
+        assert (img[m["fov"] == 0] == 0).all()  # black outside the fan
+        assert rec["lesion_area_px"] == int(m["lesion"].sum())
+    _, m, rec = st.render_image(replace(spec, lesion_free_rate=1.0), 0, 0)
+    assert m["lesion"].sum() == 0 and rec["has_lesion"] == 0
+
+
+def test_ensure_trus_writes_identical_files(tmp_path) -> None:
+    a = st.ensure_trus("smoke", root=tmp_path / "a", n_patients=2, images_per_patient=2, size=32)
+    b = st.ensure_trus("smoke", root=tmp_path / "b", n_patients=2, images_per_patient=2, size=32)
+    ia, ib = pd.read_csv(a / "index.csv"), pd.read_csv(b / "index.csv")
+    pd.testing.assert_frame_equal(ia, ib)
+    assert len(ia) == 4 and ia.patient_id.nunique() == 2
+    for rel in list(ia.image_path) + list(ia.mask_path):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    assert set(np.unique(np.asarray(Image.open(a / ia.mask_path[0])))) <= {0, 255}
+
+
+# ----------------------------------------------------------------------------- metrics and losses
+
+
+def test_dice_iou_match_sklearn_and_empty_convention() -> None:
+    from sklearn.metrics import f1_score, jaccard_score
+
+    rng = np.random.default_rng(0)
+    pred = rng.random((5, 1, 16, 16)) > 0.6
+    truth = rng.random((5, 1, 16, 16)) > 0.5
+    dice, iou = sg.dice_iou(pred, truth)
+    for i in range(5):
+        assert dice[i] == pytest.approx(f1_score(truth[i].ravel(), pred[i].ravel()), abs=1e-6)
+        assert iou[i] == pytest.approx(jaccard_score(truth[i].ravel(), pred[i].ravel()), abs=1e-6)
+    empty = np.zeros((2, 1, 8, 8), bool)
+    some = empty.copy()
+    some[1, 0, 2:4, 2:4] = True
+    d, j = sg.dice_iou(some, empty)  # image 0: both empty -> 1; image 1: false positive on empty truth -> 0
+    assert d.tolist() == [1.0, 0.0] and j.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        sg.dice_iou(pred, truth[:, :, :8])
+
+
+def test_seg_metrics_reports_dice_on_lesion_images() -> None:
+    y = torch.zeros(2, 1, 8, 8)
+    y[0, 0, :4, :4] = 1
+    logits = torch.full_like(y, -10.0)
+    logits[0, 0, :4, :2] = 10.0  # half the lesion found; image 1 empty and predicted empty
+    out = sg.seg_metrics()(logits, y)
+    assert out["dice_pos"] == pytest.approx(2 * 8 / (8 + 16))
+    assert out["dice"] == pytest.approx((out["dice_pos"] + 1) / 2)
+
+
+def test_losses_match_monai_references() -> None:
+    from monai.losses import DiceLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 16, 16, generator=g)
+    y = (torch.rand(3, 1, 16, 16, generator=g) > 0.7).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    ref = DiceLoss(sigmoid=True)(logits, y) + bce
+    assert float(sg.make_seg_loss("dicece")(logits, y)) == pytest.approx(float(ref), rel=1e-5)
+    # smp Dice pools the batch; MONAI batch=True with smp's smoothing is the same quantity
+    ref_smp = DiceLoss(sigmoid=True, batch=True, smooth_nr=0.0, smooth_dr=1e-7)(logits, y) + bce
+    assert float(sg.make_seg_loss("dice+bce")(logits, y)) == pytest.approx(float(ref_smp), rel=1e-4)
+    perfect = (y * 2 - 1) * 20
+    for name in sg.LOSSES:
+        assert float(sg.make_seg_loss(name)(perfect, y)) < float(sg.make_seg_loss(name)(logits, y))
+    with pytest.raises(ValueError, match="loss must be"):
+        sg.make_seg_loss("hinge")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_binarise_mask_accepts_binary_refuses_label_maps() -> None:
+    assert sg.binarise_mask(np.array([[0, 255], [255, 0]], np.uint8)).tolist() == [[0, 1], [1, 0]]
+    assert sg.binarise_mask(np.array([[0, 1]], np.uint8)).dtype == np.uint8
+    with pytest.raises(DataError, match="label=") as exc:
+        sg.binarise_mask(np.array([[0, 1, 2, 5]], np.uint8), "seg.png")
+    assert "seg.png" in str(exc.value)
+    with pytest.raises(DataError, match="fractional"):
+        sg.binarise_mask(np.array([[0.0, 0.4, 1.0]]), "soft.nii.gz")
+    assert sg.binarise_mask(np.array([[0, 1, 2, 5]]), label=2).tolist() == [[0, 0, 1, 0]]
+
+
+def test_bad_pairs_are_skipped_with_reasons(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(tmp_path / "ok.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "ok_mask.png")
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "small_mask.png")
+    Image.fromarray(np.arange(1600, dtype=np.uint8).reshape(40, 40) % 4).save(tmp_path / "labels_mask.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    table = pd.DataFrame({"case_id": ["good", "size", "labels", "corrupt"],
+                          "image_path": ["ok.png", "ok.png", "ok.png", "corrupt.png"],
+                          "mask_path": ["ok_mask.png", "small_mask.png", "labels_mask.png", "ok_mask.png"],
+                          "group": ["a", "b", "c", "d"]})
+    raw = sg.load_pairs(table, tmp_path)
+    assert raw.table.case_id.tolist() == ["good"]
+    reasons = raw.skipped.to_frame().set_index("case").reason
+    assert "does not match image" in reasons["size"]
+    assert "not binary" in reasons["labels"]
+    assert "corrupt" in reasons["corrupt"] or "unknown" in reasons["corrupt"]
+
+
+# ----------------------------------------------------------------------------- preprocessing and folds
+
+
+def test_preprocess_crops_fan_and_restores_geometry() -> None:
+    img, m, _ = st.render_image(replace(TINY, size=96), 0, 0)
+    pre = sg.Preprocess(size=64, denoise="gradient")
+    x, geom = sg.preprocess_image(img[None], pre)
+    y0, y1, x0, x1 = geom["box"]
+    fy, fx = np.nonzero(m["fov"])
+    assert (y0, x0) == (fy.min(), fx.min()) and (y1, x1) == (fy.max() + 1, fx.max() + 1)
+    assert x.shape == (1, 64, 64) and x.min() >= 0 and x.max() <= 1
+    back = sg.restore_probability(sg.preprocess_mask(m["lesion"], geom, 64).astype(np.float32), geom)
+    assert back.shape == img.shape
+    d, _ = sg.dice_iou(back[None, None] > 0.5, m["lesion"][None, None].astype(bool))
+    assert d[0] > 0.8  # round trip through the crop/resize keeps the lesion in place
+    with pytest.raises(ValueError, match="multiple of 32"):
+        sg.Preprocess(size=50)
+
+
+@pytest.mark.parametrize("method", ["gradient", "curvature", "isotropic", "tv"])
+def test_denoisers_reduce_noise(method: str) -> None:
+    rng = np.random.default_rng(1)
+    flat = np.full((48, 48), 0.5, np.float32) + rng.normal(0, 0.1, (48, 48)).astype(np.float32)
+    out = sg.denoise(flat, method, iterations=5, conductance=3.0)
+    assert out.shape == flat.shape and out.std() < 0.7 * flat.std()
+
+
+def test_make_folds_keeps_patients_together() -> None:
+    table = pd.DataFrame({"group": np.repeat(list("abcdef"), 3), "has_lesion": [1, 0, 1] * 6})
+    folds = sg.make_folds(table, n_splits=3, seed=1)
+    assert set(folds) == {0, 1, 2}
+    assert (table.assign(fold=folds).groupby("group").fold.nunique() == 1).all()
+    assert np.array_equal(folds, sg.make_folds(table, n_splits=3, seed=1))
+
+
+# ----------------------------------------------------------------------------- train -> infer -> export
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny MONAI U-Net trained one fold for two epochs through lib.train.fit (seconds on CPU)."""
+    root = tmp_path_factory.mktemp("seg")
+    trus = st.ensure_trus("smoke", root=root / "trus", n_patients=4, images_per_patient=2, size=48)
+    data = sg.prepare(sg.load_trus(trus), sg.Preprocess(size=32))
+    cfg = sg.SegConfig(model="monai-unet", epochs=2, batch_size=4, n_splits=2, resume=False)
+    res = sg.run_kfold(data, cfg, root / "run", folds=[0])
+    return root, trus, data, res
+
+
+def test_kfold_writes_artifacts_and_scores(trained) -> None:
+    root, _, data, res = trained
+    assert {"dice", "iou", "fold", "group"} <= set(res.per_case.columns)
+    assert res.per_case.dice.between(0, 1).all()
+    assert (root / "run" / "fold0" / "best.pt").exists() and (root / "run" / "oof.csv").exists()
+    summary = sg.summarise(res.per_case)
+    assert summary.fold.tolist()[-1] == "all" and (summary.dice_lo <= summary.dice + 1e-9).all()
+    log = pd.read_csv(root / "run" / "fold0" / "log.csv")
+    assert len(log) == 2 and "dice" in log
+
+
+def test_segment_array_and_folder_cli(trained, tmp_path) -> None:
+    import nibabel as nib
+
+    root, trus, data, _ = trained
+    model, meta = sg.load_segmenter(root / "run" / "fold0" / "best.pt")
+    assert meta["preprocessing"]["size"] == 32 and meta["task"] == "segmentation"
+    img = np.asarray(Image.open(trus / "images" / "T0000_00.png"))
+    mask = sg.segment_array(img, model, meta)
+    assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 1}
+    assert sg.mask_area(np.ones((4, 5)), 0.5) == {"pixels": 20, "mm2": 5.0}
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes((trus / "images" / "T0001_00.png").read_bytes())
+    (src / "broken.png").write_bytes(b"not an image at all")
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 3)).astype(np.float32), affine),
+             str(src / "vol.nii.gz"))
+    assert sg.main(["predict", "--model", str(root / "run" / "fold0" / "best.pt"), "--input", str(src),
+                    "--out", str(tmp_path / "out")]) == 0
+    preds = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert sorted(preds.output.map(lambda p: p.split("/")[-1])) == ["a_mask.png", "vol_mask.nii.gz"]
+    skipped = pd.read_csv(tmp_path / "out" / "skipped_segment.csv")
+    assert skipped.case.tolist() == ["broken.png"]
+    out = nib.load(str(tmp_path / "out" / "vol_mask.nii.gz"))
+    assert out.shape == (40, 40, 3) and np.allclose(out.affine, affine)
+
+
+def test_onnx_export_parity(trained, tmp_path) -> None:
+    root, *_ = trained
+    model, meta = sg.load_segmenter(root / "run" / "fold0" / "best.pt")
+    path = sg.export_onnx(model, meta, tmp_path / "model.onnx")
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert sg.onnx_parity(model, path, x) < 1e-4
+
+
+def test_build_model_by_name() -> None:
+    x = torch.zeros(1, 2, 32, 32)
+    for name, enc in (("fpn", "resnet18"), ("unet", "tu-resnet10t"), ("monai-unet", "")):
+        assert sg.build_model(name, 2, 1, enc)(x).shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="model must be"):
+        sg.build_model("segformer-xxl")
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_ms_lesion_slices_are_grouped_and_binary() -> None:
+    root = shared(*sg.MS_ROOT)
+    raw = sg.load_ms_lesion(root, patients=["patient07"], max_slices_per_patient=4)
+    assert len(raw) == 4 and raw.channels == list(sg.MS_MODALITIES)
+    assert raw.images[0].shape == (3, 218, 182) and raw.masks[0].shape == (218, 182)
+    assert set(raw.table.group) == {"patient07"}
+    assert all(set(np.unique(m)) <= {0, 1} for m in raw.masks)
