@@ -128,15 +128,20 @@ _SECTION_KEYS = (
     ("findings", ("finding", "所見")),
     ("impression", ("impression", "conclusion", "summary", "opinion", "diagnos", "診断", "印象", "結論", "まとめ")),
 )
+# comparison/technique statements are one sentence; what follows without a new header is findings text
+_ONE_SENTENCE_SECTIONS = frozenset({"comparison", "technique"})
 _EN_HEADER_NAME = re.compile(
     r"(?:clinical\s+)?(?:history|indications?|reason\s+for\s+(?:exam(?:ination)?|study|referral)"
     r"|clinical\s+(?:information|indications?|data|details|notes)|comparisons?|techniques?|procedures?"
     r"|examination|exam|findings?|impressions?|conclusions?|summary|recommendations?|opinion"
     r"|(?:post|pre)[\s-]*op(?:erative)?\s+diagnosis|diagnosis)", re.I)
+# "Family History", "Other Clinical Conditions": Title Case field names, trusted only after a lost line break
+_TITLE_HEADER = re.compile(r"[A-Z][a-z]+(?:[ /&-]+(?:[A-Z][a-z]+|of|and|or|for)){0,3}")
 _EN_HEADER_TAIL = re.compile(r"[A-Za-z][A-Za-z/&\- ]{0,40}$")
 _JA_HEADER = re.compile(r"【(?P<h>[^】\n]{1,20})】|(?m:^[ \t]*(?P<h2>所見|診断|臨床情報|臨床診断|依頼内容|"
                         r"検査目的|比較|既往歴|印象|結論|まとめ|コメント|画像診断|読影所見)[ \t]*[:：])")
-_EN_BOUND = re.compile(r"[.!?]+(?=\s|$)|\n")
+# a period at a line end always ends the sentence, so it is one match with its line break (half the matches)
+_EN_BOUND = re.compile(r"[.!?]+[ \t]*\n|[.!?]+(?=\s|$)|\n")
 _EN_ABBREV = frozenset(["dr", "mr", "mrs", "ms", "vs", "e.g", "i.e", "etc", "approx", "no", "nos", "fig", "st",
                         "cf", "incl", "min", "max", "sq", "vol", "ca", "pt", "pts", "hx", "dx", "rx", "tx", "inc",
                         "co", "jr", "sr", "ie", "eg", "al", "mt"])
@@ -144,6 +149,7 @@ _JA_BOUND = re.compile(r"[。！？!?．]+|\n")
 _LIST_START = re.compile(r"\s*(?:[-*•·・]|\(?\d{1,2}[.)])\s*")
 
 
+@cache
 def _section_type(header: str) -> str:
     h = header.lower()
     for kind, keys in _SECTION_KEYS:
@@ -163,11 +169,20 @@ def _sections(text: str, lang: str) -> list[tuple[int, int, str]]:
         while pos >= 0:
             m = _EN_HEADER_TAIL.search(text, max(0, pos - 41), pos)
             if m:
-                h = m.group().strip()
-                before = text[max(0, m.start() - 40):m.start()].rstrip(" \t")
-                if (not before or before[-1] in "\n.!?:;") and (
-                        (h.isupper() and len(h) >= 3) or _EN_HEADER_NAME.fullmatch(h)):
-                    cuts.append((m.start(), pos + 1, _section_type(h)))
+                start, tail = m.start(), m.group()
+                gap = tail.rfind("  ")  # a lost line break inside the tail: the header starts after it
+                if gap >= 0:
+                    rest = tail[gap + 2:]
+                    start += gap + 2 + len(rest) - len(rest.lstrip())
+                h = text[start:pos].strip()
+                raw = text[max(0, start - 40):start]
+                before = raw.rstrip(" \t")
+                # a line start, a sentence end, or 2+ spaces / "***" where exported text lost its line breaks
+                flat = raw.endswith("  ") or before.endswith("*")
+                if (not before or before[-1] in "\n.!?:;" or flat) and (
+                        (h.isupper() and len(h) >= 3) or _EN_HEADER_NAME.fullmatch(h)
+                        or (flat and _TITLE_HEADER.fullmatch(h))):
+                    cuts.append((start, pos + 1, _section_type(h)))
             pos = text.find(":", pos + 1)
     out, pos, kind = [], 0, "other"
     for s, e, k in cuts:
@@ -181,8 +196,10 @@ def _sections(text: str, lang: str) -> list[tuple[int, int, str]]:
 def _split_en(text: str, a: int, b: int) -> list[tuple[int, int]]:
     spans, start = [], a
     for m in _EN_BOUND.finditer(text, a, b):
-        s, e = m.start(), m.end()
-        if text[s] == "\n":
+        s, e = m.span()
+        if text[e - 1] == "\n" and s + 1 < e:
+            pass  # "...stone.\n": always a boundary
+        elif text[s] == "\n":
             before = text[max(start, s - 80):s].rstrip()
             nxt = text[e:min(b, e + 80)]
             stripped = nxt.lstrip(" \t")
@@ -218,12 +235,13 @@ def split_sentences(text: str, lang: str = "en") -> list[Sentence]:
     split = _split_ja if lang == "ja" else _split_en
     for a, b, kind in _sections(text, lang):
         for s, e in split(text, a, b):
-            while s < e and text[s].isspace():
-                s += 1
-            while e > s and text[e - 1].isspace():
-                e -= 1
-            if e > s:
-                out.append(Sentence(s, e, kind))
+            seg = text[s:e]
+            core = seg.strip()
+            if core:
+                s += len(seg) - len(seg.lstrip())
+                out.append(Sentence(s, s + len(core), kind))
+                if kind in _ONE_SENTENCE_SECTIONS:
+                    kind = "other"  # "Comparison: none. There is a mass..." (findings without their header)
     return out
 
 
@@ -235,10 +253,10 @@ class _Matcher:
     regex: re.Pattern
     lookup: dict[str, tuple[str, object]]
 
-    def find(self, low: str) -> list[tuple[int, int, str, object]]:
+    def find(self, low: str, pos: int = 0, endpos: int | None = None) -> list[tuple[int, int, str, object]]:
         out = []
         lookup = self.lookup
-        for m in self.regex.finditer(low):
+        for m in self.regex.finditer(low, pos, len(low) if endpos is None else endpos):
             g = m.group()
             hit = lookup.get(g) or lookup.get(_key(g))
             if hit is not None:
@@ -392,6 +410,11 @@ class _Trig:
     direction: str
 
 
+# what may stand between a finding and a normal statement about it: "engorgement appears within normal limits"
+_COPULA = re.compile(r"\s*(?:(?:is|are|was|were|appears?|seems?|looks?|remains?)"
+                     r"(?:\s+(?:to\s+be|grossly|otherwise))?\s*)?")
+
+
 def _gap_ok(low: str, a: int, b: int, lang: str) -> bool:
     if lang == "ja":
         return b - a <= WINDOW["ja"]
@@ -431,8 +454,8 @@ def _assert_span(low: str, ms: int, me: int, s0: int, s1: int, trigs: list[_Trig
             if temporal != "hypothetical":
                 temporal = t.cat
             continue
-        if t.cat == "normal" and dist:
-            continue  # "no focal lesion" negates a lesion it contains, not its neighbours
+        if t.cat == "normal" and dist and not (t.start >= me and _COPULA.fullmatch(low, me, t.start)):
+            continue  # "no focal lesion" negates a lesion it contains, not its neighbours; "X appears normal" does
         key = (dist, 0 if t.cat in ("negated", "normal") else 1)
         if best is None or key < best[:2]:
             best = (*key, t)
@@ -483,7 +506,14 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
     marked = [sp for sp in spans if sentence[sp[0]:sp[1]].isupper() and not concept.isupper()]
     if 0 < len(marked) < len(spans) and not sentence.isupper():
         spans = marked
-    trig_hits = _generic_triggers(lang).find(low)
+    matcher = _generic_triggers(lang)
+    trig_hits = matcher.find(low)
+    # a pseudo-trigger running into the concept ("no change| in vision") is the concept's own word:
+    # what precedes the concept is read again on its own ("no")
+    for a, b, cat, _ in list(trig_hits):
+        if cat == "pseudo" and any(a < ms < b for ms, _ in spans):
+            ms = min(ms for ms, _ in spans if a < ms < b)
+            trig_hits += matcher.find(low, a, ms)
     results = []
     for ms, me in spans:
         s = sents[max(0, bisect.bisect_right(starts, ms) - 1)]
@@ -757,6 +787,16 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
                                      "vocabulary": str(vocabulary), "n_reports": len(out),
                                      "n_unusable": len(skipped)}, indent=1))
     return pd.read_csv(labels_path, dtype={"study_id": str, "patient_id": str, "lang": str})
+
+
+def ensure_labels(run_dir: str | Path | None = None, profile: str = "smoke", seed: int | None = None,
+                  lang: str = "ja", vocabulary: str = "abdominal-ct") -> pd.DataFrame:
+    """Stage 01's idempotent entry point for later notebooks run standalone: ``run_dir/labels.csv`` and
+    ``evidence.csv`` for the synthetic cohort of ``profile``/``seed``, computed only when missing or stale."""
+    from lib import config, synth
+
+    seed = config.DEFAULT_SEED if seed is None else seed
+    return label_cohort(synth.ensure_cohort(profile, seed), lang, config.resolve_run_dir(run_dir, profile), vocabulary)
 
 
 # ----------------------------------------------------------------------------- evaluation and display

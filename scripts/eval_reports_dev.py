@@ -28,7 +28,8 @@ from lib import config, reports  # noqa: E402
 # CheXpert column -> IU MeSH/Problems terms that name it (a report is positive when any term is listed).
 IU_TERMS: dict[str, list[str]] = {
     "Cardiomegaly": ["Cardiomegaly"],
-    "Pleural Effusion": ["Pleural Effusion"],
+    # CheXpert counts blunting of the costophrenic angle as effusion; MeSH files it as "Costophrenic Angle"
+    "Pleural Effusion": ["Pleural Effusion", "Costophrenic Angle"],
     "Atelectasis": ["Pulmonary Atelectasis", "Atelectasis"],
     "Edema": ["Pulmonary Edema", "Edema", "Pulmonary Congestion"],
     "Pneumothorax": ["Pneumothorax"],
@@ -38,7 +39,7 @@ IU_TERMS: dict[str, list[str]] = {
     "Lung Lesion": ["Nodule", "Mass", "Lung Neoplasms"],
     "Fracture": ["Fractures, Bone"],
     "Support Devices": ["Catheters, Indwelling", "Implanted Medical Device", "Medical Device", "Tube, Inserted",
-                        "Pacemaker, Artificial", "Stents"],
+                        "Pacemaker, Artificial", "Stents", "Surgical Instruments"],  # clips, sternal wires
 }
 
 

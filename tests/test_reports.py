@@ -29,6 +29,12 @@ from tests.conftest import shared
     ("The lungs are clear of focal airspace disease, pneumothorax, or pleural effusion.", "pleural effusion",
      "negated"),
     ("No findings to suggest osteomyelitis.", "osteomyelitis", "negated"),
+    ("No change in appetite or weight loss.", "change in appetite", "negated"),  # pseudo "no change" is the concept
+    ("No nausea, change in appetite or weight loss.", "change in appetite", "negated"),
+    ("Pain improved but no fever.", "pain", "affirmed"),
+    ("The spleen is enlarged but there is no splenic lesion.", "enlarged", "affirmed"),
+    ("Smoking: not current  Social History: alcohol use.", "alcohol use", "affirmed"),  # flattened header ends scope
+    ("Tests: not done   REASON FOR EXAM: DYSPNEA", "dyspnea", "affirmed"),
 ])
 def test_assertion_english(sentence: str, concept: str, expected: str) -> None:
     assert reports.assertion(sentence, concept) == expected
@@ -66,10 +72,22 @@ def test_sentences_and_sections() -> None:
     assert sents == [("indication", "Rule out liver mass."), ("technique", "CT."),
                      ("findings", "Dr. Smith saw a 1.7 x 1.3 cm cyst."), ("findings", "The liver is\nwrapped here."),
                      ("impression", "1. Splenic lesion."), ("impression", "2. Cyst.")]
+    flat = "Chest  Comparison: None. Renal cyst."  # findings with no header of their own are not comparison
+    assert [(s.section, flat[s.start:s.end]) for s in reports.split_sentences(flat)] == [
+        ("other", "Chest"), ("comparison", "None."), ("other", "Renal cyst.")]
+    assert reports.label_reports([flat], "abdominal-ct").loc[0, "kidney_cyst"] == 1
     ja = "【臨床情報】肝腫瘤の除外。\n【所見】\n・肝嚢胞を認める。腎結石なし\n【診断】\n1. 肝嚢胞"
     got = [(s.section, ja[s.start:s.end]) for s in reports.split_sentences(ja, "ja")]
     assert got == [("indication", "肝腫瘤の除外。"), ("findings", "・肝嚢胞を認める。"), ("findings", "腎結石なし"),
                    ("impression", "1. 肝嚢胞")]
+
+
+def test_normal_statement_about_a_finding() -> None:
+    """"<finding> appears normal" negates it; a normal statement about another organ does not."""
+    lab = reports.label_reports(["Pulmonary vascular congestion appears within normal limits.",
+                                 "Mild cardiomegaly, lungs are normal."], "chest-xray")
+    assert lab.loc[0, "Edema"] == 0 and lab.loc[0, "No Finding"] == 1
+    assert lab.loc[1, "Cardiomegaly"] == 1 and lab.loc[1, "Atelectasis"] == 0
 
 
 def test_abdominal_labels_english() -> None:
@@ -171,6 +189,15 @@ def test_label_cohort_writes_and_caches(tmp_path, smoke_cohort) -> None:
     truth = pd.read_csv(smoke_cohort / "ground_truth" / "labels.csv")
     table, _ = reports.evaluate_against(truth, lab)
     assert table.set_index("label").loc["macro", "f1"] > 0.8
+
+
+def test_ensure_labels_is_idempotent(tmp_path) -> None:
+    run = tmp_path / "run"
+    lab = reports.ensure_labels(run, "smoke")
+    assert (run / "labels.csv").exists() and (run / "evidence.csv").exists()
+    mtime = (run / "labels.csv").stat().st_mtime_ns
+    pd.testing.assert_frame_equal(lab, reports.ensure_labels(run, "smoke"))
+    assert (run / "labels.csv").stat().st_mtime_ns == mtime
 
 
 def test_label_cohort_bad_csv(tmp_path) -> None:
