@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,6 +219,147 @@ def kfold_checkpoints(run_dir: str | Path, name: str) -> list[Path]:
     root = Path(run_dir) / "kfold" / name
     return sorted(root.glob("fold*/best.pt"), key=lambda p: int("".join(c for c in p.parent.name if c.isdigit())
                                                                     or 0))
+
+
+# ----------------------------------------------------------------------------- stage 07: export a k-fold run
+
+
+def find_fold_checkpoints(run_dir: str | Path, name: str | None = None,
+                          checkpoints: Sequence[str | Path] | None = None, profile: str = "smoke",
+                          seed: int = 20261123) -> tuple[list[Path], str]:
+    """Fold checkpoints to export and the k-fold run's name (``run_dir/kfold/<name>/fold<k>/best.pt``).
+
+    Explicit ``checkpoints`` win; else the named (or only/first) k-fold run in ``run_dir``. When stage 04 has
+    not run there, its idempotent entry point ``lib.kfold.ensure_kfold`` trains the folds with the profile's
+    stage-04 parameters, so this stage runs standalone and exports the models notebook 04 would have made.
+    """
+    if checkpoints:
+        paths = [Path(p) for p in checkpoints]
+        return paths, name or paths[0].parent.parent.name
+    root = Path(run_dir) / "kfold"
+
+    def existing() -> list[str]:
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("fold*/best.pt"))) \
+            if root.exists() else []
+
+    names = existing()
+    if name not in names and not (name is None and names):
+        from lib import kfold
+
+        kfold.ensure_kfold(run_dir=run_dir, profile=profile, seed=seed, **({"name": name} if name else {}))
+        names = existing()
+    name = name or (names[0] if names else None)
+    paths = kfold_checkpoints(run_dir, name) if name else []
+    if not paths:
+        raise DataError(root / str(name), "no fold checkpoints fold*/best.pt")
+    return paths, name
+
+
+def oof_metrics(run_dir: str | Path, name: str) -> dict:
+    """The pooled out-of-fold scores of stage 04 (``kfold/<name>/metrics.json``), scalars only, for metadata."""
+    path = Path(run_dir) / "kfold" / name / "metrics.json"
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())
+    pooled = summary.get("pooled", {})
+    keep = {k: v for k, v in pooled.items() if isinstance(v, int | float | str | type(None))}
+    return {"source": f"kfold/{name}/metrics.json", "pooled_oof": keep,
+            "fold_mean": summary.get("fold_mean", {}), "fold_sd": summary.get("fold_sd", {}),
+            "n_dev": summary.get("n_dev"), "n_splits": summary.get("n_splits")}
+
+
+def crop_inputs(run_dir: str | Path, spec: dict, n: int = 8) -> tuple[np.ndarray, list[Path]]:
+    """Up to ``n`` real network inputs made by the TRAINING code (``lib.datasets``) from ``run_dir/crops``."""
+    import pandas as pd
+
+    from lib.datasets import crop_to_input, read_crop
+
+    crops = Path(run_dir) / "crops"
+    index_path = crops / "index.csv"
+    if not index_path.exists():
+        raise DataError(index_path, "crop index not found (run notebook 02 / lib.crop.ensure_crops first)")
+    index = pd.read_csv(index_path)
+    index = index[index["path"].astype(str).str.endswith(".npz")]
+    if "mode" in index:
+        index = index[index["mode"] == "bbox"]
+    if spec.get("organ") and "organ" in index:
+        index = index[index["organ"] == spec["organ"]]
+    xs, paths = [], []
+    for rel in index["path"].head(n):
+        image, mask = read_crop(crops / rel)
+        xs.append(crop_to_input(image, mask, spec.get("kind", "slab"), int(spec.get("n_slices", 8)),
+                                int(spec.get("size", 64)), spec.get("mask_mode", "none")))
+        paths.append(crops / rel)
+    if not xs:
+        raise DataError(index_path, f"no npz crops for organ {spec.get('organ')!r}")
+    return np.stack(xs), paths
+
+
+def crop_as_nifti(crop_path: str | Path, out_path: str | Path, spec: dict | None = None) -> Path:
+    """A training crop ``(S, H, W)`` written as a NIfTI that ``lib.imageio.read_image`` returns unchanged.
+
+    Why: a crop model is served on organ crops; the export ships one as ``sample.nii.gz`` so ``/predict/test``
+    and the parity check use a real file through the real reader. The affine is
+    the crop's own (LPS voxel axes), which ``imageio.nifti_to_slices`` maps back to ``(S, H, W)``.
+    """
+    import nibabel as nib
+
+    from lib.datasets import read_crop
+
+    image, mask = read_crop(crop_path)
+    if mask is not None and (spec or {}).get("mask_mode") == "multiply":
+        image = image * (mask > 0)
+    with np.load(crop_path) as z:  # lib.crop: affine maps (w, h, s) -> RAS mm; spacing in (S, H, W) order
+        affine = np.asarray(z["affine"], np.float64) if "affine" in z.files else None
+        spacing = [float(v) for v in z["spacing"]] if "spacing" in z.files else [1.0, 1.0, 1.0]
+    if affine is None or affine.shape != (4, 4):
+        sz, sy, sx = spacing[:3]
+        affine = np.diag([-sx, -sy, sz, 1.0])  # LPS voxel axes
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(image.transpose(2, 1, 0), np.float32), affine), str(out_path))
+    return out_path
+
+
+def export_run(run_dir: str | Path, name: str | None = None, checkpoints: Sequence[str | Path] | None = None,
+               profile: str = "smoke", seed: int = 20261123, n_parity: int = 8, out_dir: str | Path | None = None,
+               sample: str | Path | None = None, parity_inputs: np.ndarray | None = None) -> dict:
+    """Stage 07: the fold ensemble of ``run_dir/kfold/<name>`` -> ``run_dir/export/<name>`` (see ``export_model``).
+
+    Crop models get real parity inputs from ``run_dir/crops`` built by the training code, and the first of
+    them as ``sample.nii.gz``; image models need ``sample`` (and optionally ``parity_inputs``) from the caller.
+    """
+    run_dir = Path(run_dir)
+    paths, name = find_fold_checkpoints(run_dir, name, checkpoints, profile, seed)
+    members, meta = load_members(paths)
+    spec = input_spec(meta)
+    out_dir = Path(out_dir) if out_dir else run_dir / "export" / name
+    extra: dict[str, Any] = {
+        "checkpoints": [str(Path(p).relative_to(run_dir)) if Path(p).is_relative_to(run_dir) else str(p)
+                        for p in paths], "kfold_name": name, "profile": profile, "seed": seed}
+    with tempfile.TemporaryDirectory() as tmp:
+        if spec.get("source") == "crops" and sample is None:
+            from lib.crop import CropParams
+
+            x, crop_paths = crop_inputs(run_dir, spec, n_parity)
+            sample = crop_as_nifti(crop_paths[0], Path(tmp) / "sample.nii.gz", spec)
+            parity_inputs = x if parity_inputs is None else parity_inputs
+            extra["parity_files"] = [str(p.relative_to(run_dir)) for p in crop_paths]
+            extra["expected_input"] = ("an organ crop (S, H, W) already windowed to [0, 1] as lib.crop writes it "
+                                       "(NIfTI, or DICOM/PNG of such a crop); not a whole CT")
+            extra["crop_defaults"] = {k: v for k, v in CropParams().as_json().items()
+                                      if k in ("mode", "size", "fit", "margin_mm", "window")}
+            extra["crop_defaults"]["window_level_width"] = list(window_of_name(extra["crop_defaults"]["window"]))
+        return export_model(members, meta, out_dir, sample=sample, parity_inputs=parity_inputs,
+                            run_id=run_dir.name, metrics=oof_metrics(run_dir, name) or meta.get("metrics"),
+                            extra=extra)
+
+
+def window_of_name(window: str | Sequence[float]) -> tuple[float, float]:
+    """(level, width) of a window preset or pair (``lib.imageio.resolve_window``), for metadata."""
+    from lib.imageio import resolve_window
+
+    return resolve_window(window) or (float("nan"), float("nan"))
 
 
 def latency(model: nn.Module, onnx_path: str | Path, shape: Sequence[int], batch: int = 1, n: int = 50,

@@ -7,7 +7,9 @@ type by content (415), answers malformed files with 400 and our own message, nev
 patient-identifying DICOM tags (nor client file names), and binds to 127.0.0.1 unless told otherwise.
 
 Run: ``python -m lib.serve --model outputs/runs/<run>/export/<name>`` then open http://127.0.0.1:8000/.
-One-off: ``python -m lib.serve --model <dir> --predict image.dcm`` prints the probabilities as JSON.
+``--segmenter <lib.segment export>`` adds ``POST /segment`` (mask PNG); its preprocessing imports torch.
+One-off: ``python -m lib.serve --model <dir> --predict image.dcm series_folder/`` prints probabilities as JSON
+lines (``lib.serve.predict_proba(path)`` in Python).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lib import imageio
 from lib.io import DataError
@@ -73,9 +76,17 @@ class Predictor:
         return self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def predict_source(self, src: str | Path | bytes, name: str | None = None) -> dict:
-        """One image (bytes or a server-side path) -> ``{"probabilities", "label", "probability", "input"}``."""
+        """One image (bytes, or a LOCAL path: a file or a DICOM series folder) -> probabilities, top label, input.
+
+        Paths come from the command line or from the export's own sample, never from an HTTP client.
+        """
         t0 = time.perf_counter()
-        image, info = imageio.read_image_with_meta(src, frame=self.spec.get("frame"), name=name)
+        if isinstance(src, str | Path) and Path(src).is_dir():
+            vol = imageio.read_dicom_series(src)
+            image = imageio.nifti_to_slices(np.asarray(vol.dataobj, dtype=np.float32), vol.affine)
+            info = {"type": "dicom-series", "shape": list(image.shape)}
+        else:
+            image, info = imageio.read_image_with_meta(src, frame=self.spec.get("frame"), name=name)
         x = imageio.preprocess(image, self.spec, name=name or UPLOAD_NAME)
         probs = self.predict_arrays(x[None])[0]
         top = int(np.argmax(probs))
@@ -90,9 +101,27 @@ class Predictor:
         return self.model_dir / Path(sample).name if sample else None
 
 
-def predict_proba(path: str | Path, model_dir: str | Path) -> dict[str, float]:
-    """Probabilities per label for one image file of any supported type (PNG/JPG/DICOM/NIfTI)."""
-    return Predictor(Path(model_dir)).predict_source(Path(path))["probabilities"]
+def latest_export(root: str | Path | None = None) -> Path:
+    """The most recently written export folder under ``outputs/`` (runs and scratch), for a default model."""
+    from lib import config
+
+    root = Path(root) if root else config.OUTPUTS
+    found = sorted(root.glob("**/export/*/metadata.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise DataError(root, "no export found (run notebook 07 or lib.export first, or pass model_dir)")
+    return found[-1].parent
+
+
+_PREDICTORS: dict[Path, Predictor] = {}
+
+
+def predict_proba(path: str | Path, model_dir: str | Path | None = None) -> dict[str, float]:
+    """Probabilities per label for one image of any supported type: PNG/JPG/TIFF/BMP, DICOM (file or series
+    folder), NIfTI. ``model_dir`` defaults to the newest export under ``outputs/``; loaded models are reused."""
+    key = Path(model_dir).resolve() if model_dir else latest_export()
+    if key not in _PREDICTORS:
+        _PREDICTORS[key] = Predictor(key)
+    return _PREDICTORS[key].predict_source(Path(path))["probabilities"]
 
 
 # ----------------------------------------------------------------------------- app
@@ -131,9 +160,25 @@ document.getElementById('form').addEventListener('submit', async (ev) => {
 """
 
 
-def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, threads: int = 1):
-    """The FastAPI app; a model that fails to load leaves the app up with ``/health`` saying why."""
+def load_segmenter(export_dir: str | Path) -> tuple[Any, dict]:
+    """A segmentation export of ``lib.segment.export_onnx`` as an ONNX Runtime session + its recipe.
+
+    ``lib.segment`` (its preprocessing is the training code) imports torch, so only a service started with
+    ``--segmenter`` imports torch; the classification service alone stays torch-free.
+    """
+    from lib import segment
+
+    return segment.load_segmenter(Path(export_dir))
+
+
+def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, threads: int = 1,
+               segmenter_dir: str | Path | None = None):
+    """The FastAPI app; a model that fails to load leaves the app up with ``/health`` saying why.
+
+    ``segmenter_dir`` (optional) adds a segmentation export for ``POST /segment``.
+    """
     max_bytes = int(max_upload_mb * 1024 * 1024)
+    max_body = max_bytes + 64 * 1024  # multipart headers and boundaries on top of the file itself
     state: dict[str, Any] = {"predictor": None, "error": None}
     try:
         state["predictor"] = Predictor(Path(model_dir), threads=threads) if model_dir else None
@@ -142,17 +187,29 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
     except (DataError, OSError, ValueError, RuntimeError) as exc:
         state["error"] = str(exc)
         log.error("model not loaded: %s", exc)
+    seg: dict[str, Any] = {"session": None, "meta": None,
+                           "error": None if segmenter_dir else "no segmentation model (start with --segmenter)"}
+    if segmenter_dir:
+        try:
+            seg["session"], seg["meta"] = load_segmenter(segmenter_dir)
+        except (DataError, OSError, ValueError, RuntimeError) as exc:
+            seg["error"] = str(exc)
+            log.error("segmentation model not loaded: %s", exc)
+    # pydicom's validation warnings can quote element values (names, dates): keep them out of server logs.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     lock = threading.Lock()
     stats = {"requests": 0}
 
-    app = FastAPI(title="mednb image classifier", version="1.0",
+    # max_body_size: FastAPI counts the bytes as they arrive, so chunked uploads without Content-Length are
+    # cut off at the cap too (413) instead of being spooled to disk in full by the multipart parser.
+    app = FastAPI(title="mednb image classifier", version="1.0", max_body_size=max_body,
                   description="Probabilities per label for an uploaded PNG/JPG/DICOM/NIfTI image (ONNX Runtime).")
 
     @app.middleware("http")
     async def limit_and_harden(request: Request, call_next):
         """Refuse oversized bodies before they are parsed; no content sniffing by browsers."""
         length = request.headers.get("content-length")
-        if request.method == "POST" and length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+        if request.method == "POST" and length and length.isdigit() and int(length) > max_body:
             return JSONResponse({"detail": f"upload larger than {max_upload_mb:g} MB"}, status_code=413)
         response = await call_next(request)
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -194,7 +251,8 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
         """Liveness plus whether the model is loaded."""
         return {"health": "ok", "model_loaded": state["predictor"] is not None,
                 **({"error": state["error"]} if state["predictor"] is None else {}),
-                "requests": stats["requests"]}
+                "segmenter_loaded": seg["session"] is not None,
+                "requests": stats["requests"], "torch_imported": "torch" in sys.modules}
 
     @app.get("/metadata")
     def metadata() -> dict:
@@ -230,6 +288,33 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
         return {**p.predict_source(path.read_bytes(), name="sample"), "sample": path.name,
                 "expected": (p.metadata.get("sample") or {}).get("torch_probabilities")}
 
+    @app.post("/segment", responses={200: {"content": {"image/png": {}}, "description": "mask PNG (0/255)"}})
+    def segment_upload(file: Upload, output: str = "png") -> Response:
+        """Segmentation mask of an uploaded 2D image (PNG by default; ``?output=json`` for the area only).
+
+        Headers ``X-Mask-Pixels`` / ``X-Mask-Area-mm2`` carry the area (mm^2 when the file states a spacing).
+        """
+        if seg["session"] is None:
+            raise HTTPException(503, f"segmentation not available: {seg['error']}")
+        if output not in ("png", "json"):
+            raise HTTPException(400, "output must be png or json")
+        data = read_upload(file)
+        from lib import segment
+
+        try:
+            mask, area = segment.segment_source(seg["session"], data, name=UPLOAD_NAME)
+        except (DataError, ValueError) as exc:
+            problem = exc.problem if isinstance(exc, DataError) else str(exc)
+            log.info("rejected segmentation upload: %s", problem)
+            raise HTTPException(400, f"cannot segment this image: {problem}") from exc
+        log.info("segmented %s: %d pixels", list(mask.shape), area["pixels"])
+        if output == "json":
+            return JSONResponse({"shape": list(mask.shape), "area": area,
+                                 "model": seg["meta"].get("model_name"), "threshold": seg["meta"].get("threshold")})
+        headers = {"X-Mask-Pixels": str(area["pixels"]),
+                   "X-Mask-Area-mm2": "" if area["mm2"] is None else f"{area['mm2']:.3f}"}
+        return Response(segment.mask_png(mask), media_type="image/png", headers=headers)
+
     return app
 
 
@@ -238,20 +323,27 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m lib.serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="export folder (model.onnx, labels.json, metadata.json)")
+    ap.add_argument("--model", default=None, help="export folder (model.onnx, labels.json, metadata.json); "
+                    "with --predict it defaults to the newest export under outputs/")
     ap.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1: local only)")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT)
     ap.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--predict", nargs="+", metavar="IMAGE", help="score these local files, print JSON, exit")
-    return ap.parse_args(argv)
+    ap.add_argument("--segmenter", default=None, help="optional segmentation export (lib.segment.export_onnx) for "
+                    "POST /segment; its preprocessing code imports torch")
+    ap.add_argument("--predict", nargs="+", metavar="IMAGE", help="score these local files (or DICOM series "
+                    "folders), print one JSON line each, exit")
+    args = ap.parse_args(argv)
+    if args.model is None and not args.predict:
+        ap.error("--model is required to serve")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.predict:
-        pred = Predictor(Path(args.model), threads=args.threads)
+        pred = Predictor(Path(args.model) if args.model else latest_export(), threads=args.threads)
         status = 0
         for path in args.predict:
             try:
@@ -264,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service is reachable from other machines", args.host)
-    app = create_app(args.model, args.max_upload_mb, args.threads)
+    app = create_app(args.model, args.max_upload_mb, args.threads, segmenter_dir=args.segmenter)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -1,16 +1,13 @@
-"""Export (ONNX ensemble, parity) and the HTTP service: every endpoint, bad inputs, a real server, a browser."""
+"""Export (ONNX ensemble, parity, stage-07 crop export) and the HTTP service: every endpoint and bad input
+(real server + browser: tests/test_serve_e2e.py)."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +18,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lib import export, imageio, models, serve
+from lib import config, export, imageio, models, serve
+from lib.io import DataError
 from tests.conftest import shared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +34,9 @@ def _sample_png(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two fold checkpoints (lib.models format) exported as one ONNX ensemble."""
+def build_export(root: Path) -> Path:
+    """Two fold checkpoints (lib.models format) of a 2D image model exported as one ONNX ensemble."""
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("export")
     meta = models.checkpoint_meta("resnet10t", 1, 1, "binary", ["yes"], PREP)
     ckpts = []
     for k in range(2):
@@ -53,6 +49,11 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export.export_checkpoints(ckpts, out, sample=_sample_png(root / "sample_src.png"), run_id="test-run",
                               metrics={"oof_auc": 0.5})
     return out
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_export(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
@@ -217,98 +218,143 @@ def test_serving_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
-# ----------------------------------------------------------------------------- real server + browser
+def test_binds_loopback_by_default() -> None:
+    args = serve.parse_args(["--model", "x"])
+    assert args.host == "127.0.0.1" and args.max_upload_mb == serve.DEFAULT_MAX_UPLOAD_MB
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_export_run_crop_model_serves_what_it_trained_on(tmp_path: Path) -> None:
+    """A crop model's export: parity on crops made by lib.datasets, and the shipped NIfTI sample read by the
+    service gives exactly the training input (orientation, slice order and preprocessing all kept)."""
+    import pandas as pd
+
+    from lib import datasets
+
+    run = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):
+        yy, xx = np.mgrid[:40, :36]  # non-square and slice-varying: a transposed or flipped read would differ
+        img = np.stack([np.clip((xx + 2 * yy + 3 * s) / 150 + 0.1 * rng.random((40, 36)), 0, 1) for s in range(12)])
+        path = run / "crops" / "bbox" / "liver" / f"c{i}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, image=img.astype(np.float32), mask=np.ones(img.shape, np.uint8),
+                 spacing=np.array([2.5, 0.8, 0.7], np.float32), affine=np.diag([-0.7, -0.8, 2.5, 1.0]))
+        rows.append({"case_id": f"c{i}", "organ": "liver", "mode": "bbox", "path": f"bbox/liver/c{i}.npz"})
+    pd.DataFrame(rows).to_csv(run / "crops" / "index.csv", index=False)
+    spec = {"source": "crops", **datasets.crop_spec("slab", 8, 32), "mask_mode": "none", "organ": "liver"}
+    meta = models.checkpoint_meta("resnet10t", 8, 1, "binary", ["liver_abnormal"], spec)
+    torch.manual_seed(1)
+    for k in range(2):
+        models.save_checkpoint(run / "kfold" / "m" / f"fold{k}" / "best.pt", models.create_model("resnet10t", 8, 1),
+                               meta)
+    (run / "kfold" / "m" / "metrics.json").write_text(json.dumps({"pooled": {"auc": 0.71, "auc_ci": [0.5, 0.9]},
+                                                                  "n_splits": 2}))
+    out = export.export_run(run, profile="smoke")
+    exp = run / "export" / "m"
+    assert out["kfold_name"] == "m" and out["n_models"] == 2 and out["run_id"] == "run"
+    assert out["metrics"]["pooled_oof"] == {"auc": 0.71} and out["parity"]["n_inputs"] == 3
+    assert out["input"]["shape"] == [None, 8, 32, 32] and out["label_names"] == ["not liver_abnormal",
+                                                                                "liver_abnormal"]
+    image, _ = datasets.read_crop(run / "crops" / "bbox" / "liver" / "c0.npz")
+    served = imageio.read_image(exp / "sample.nii.gz")
+    np.testing.assert_array_equal(served, image)
+    x_train = datasets.crop_to_input(image, None, "slab", 8, 32)
+    pred = serve.Predictor(exp)
+    np.testing.assert_allclose(pred.predict_arrays(x_train[None])[0],
+                               list(out["sample"]["torch_probabilities"].values()), atol=1e-4)
+    c = TestClient(serve.create_app(exp))
+    test = c.get("/predict/test").json()
+    assert test["input"]["type"] == "nifti"
+    for label, p in test["expected"].items():
+        assert abs(test["probabilities"][label] - p) <= 1e-4
+
+
+def test_chunked_upload_over_cap_is_413(client: TestClient) -> None:
+    """No Content-Length (chunked): the cap must hold while the body streams in, not after spooling it."""
+    def body() -> Iterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n\x89PNG\r\n\x1a\n'
+        for _ in range(40):  # 2.5 MB against the 1 MB cap
+            yield bytes(65536)
+        yield b"\r\n--b--\r\n"
+
+    r = client.post("/predict", content=body(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.request.headers.get("content-length") is None and r.status_code == 413
+
+
+def test_predict_proba_dicom_series_and_default_model(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    series = shared("ct-totalseg", "example_ct_dicom")
+    p = serve.predict_proba(series, export_dir)
+    assert set(p) == {"no", "yes"} and abs(sum(p.values()) - 1) < 1e-5
+    vol = imageio.read_dicom_series(series)  # the middle slice of the ordered volume is what the 2D model sees
+    x = imageio.preprocess(imageio.nifti_to_slices(np.asarray(vol.dataobj, np.float32), vol.affine), PREP)
+    direct = serve.Predictor(export_dir).predict_arrays(x[None])[0]
+    assert [p["no"], p["yes"]] == pytest.approx(direct.tolist(), abs=1e-6)
+    monkeypatch.setattr(config, "OUTPUTS", export_dir.parents[1])  # the newest export/<name> below OUTPUTS
+    assert serve.latest_export() == export_dir
+    assert serve.predict_proba(series) == pytest.approx(p, abs=1e-6)
+
+
+def test_find_fold_checkpoints_calls_stage04_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lib import kfold
+
+    calls = []
+
+    def fake_ensure(run_dir: Path, profile: str, seed: int, **kw: object) -> Path:
+        calls.append((profile, seed, kw))
+        for k in (1, 0, 10):  # numeric fold order, not text order
+            (Path(run_dir) / "kfold" / "model" / f"fold{k}").mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / "kfold" / "model" / f"fold{k}" / "best.pt").write_bytes(b"x")
+        return Path(run_dir) / "kfold" / "model"
+
+    monkeypatch.setattr(kfold, "ensure_kfold", fake_ensure)
+    paths, name = export.find_fold_checkpoints(tmp_path, profile="demo", seed=7)
+    assert name == "model" and calls == [("demo", 7, {})]
+    assert [p.parent.name for p in paths] == ["fold0", "fold1", "fold10"]
+    export.find_fold_checkpoints(tmp_path, profile="demo", seed=7)
+    assert len(calls) == 1  # present now: stage 04 is not asked again
+    monkeypatch.setattr(kfold, "ensure_kfold", lambda **kw: None)  # stage 04 produced nothing: a clear error
+    with pytest.raises(DataError, match="no fold checkpoints"):
+        export.find_fold_checkpoints(tmp_path / "empty", name="other")
 
 
 @pytest.fixture(scope="module")
-def live_server(export_dir: Path) -> Iterator[str]:
-    """``python -m lib.serve`` as a real process on a free loopback port."""
-    import httpx
+def seg_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small (untrained) MONAI U-Net exported by lib.segment.export_onnx: enough to test the endpoint."""
+    from lib import segment
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lib.serve", "--model", str(export_dir), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("server did not start within 90 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    root = tmp_path_factory.mktemp("seg")
+    torch.manual_seed(0)
+    kw = {"channels": [4, 8, 16, 32]}
+    net = segment.build_model("monai-unet", 1, 1, **kw)
+    meta = {**models.checkpoint_meta("monai-unet", 1, 1, "segmentation", ["lesion"],
+                                     segment.Preprocess(size=32).to_dict(), **kw), "threshold": 0.5}
+    ckpt = models.save_checkpoint(root / "fold0" / "best.pt", net, meta)
+    segment.export_onnx(ckpt, root / "export", sample=_sample_png(root / "s.png"))
+    return root / "export"
 
 
-def test_end_to_end_real_server(live_server: str) -> None:
-    import httpx
+def test_segment_endpoint(export_dir: Path, seg_export: Path) -> None:
+    from lib import segment
 
-    path = shared("dicom-samples", "pydicom", "CT_small.dcm")
-    r = httpx.post(live_server + "/predict", files={"file": (path.name, path.read_bytes())}, timeout=30)
-    assert r.status_code == 200, r.text
-    assert r.json()["input"] == {"type": "dicom", "shape": [128, 128], "modality": "CT"}
-    assert httpx.get(live_server + "/health", timeout=5).json()["requests"] >= 1
-
-
-def _chromium() -> tuple[str, str]:
-    browser, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or \
-        "/usr/bin/chromedriver"
-    if not (Path(browser).exists() and Path(driver).exists()):
-        msg = "headless browser test needs Debian packages chromium + chromium-driver (apt-get install -y chromium " \
-              "chromium-driver)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return browser, driver
-
-
-def test_upload_page_in_headless_chromium(live_server: str, tmp_path: Path) -> None:
-    pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser, driver_path = _chromium()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"):
-        opts.add_argument(flag)
-    drv = webdriver.Chrome(service=Service(driver_path), options=opts)
-    try:
-        drv.get(live_server + "/")
-        WebDriverWait(drv, 30).until(lambda d: d.find_element(By.ID, "model").text.startswith("resnet10t"))
-        drv.find_element(By.ID, "file").send_keys(str(shared("brain-mri-tumor", "no", "No15.jpg")))
-        drv.find_element(By.ID, "submit").click()
-        WebDriverWait(drv, 30).until(ec.visibility_of_element_located((By.ID, "result")))
-        rows = drv.find_elements(By.CSS_SELECTOR, "#result tr.prob")
-        labels = {r.find_elements(By.TAG_NAME, "td")[0].text for r in rows}
-        probs = [float(r.find_elements(By.TAG_NAME, "td")[1].text) for r in rows]
-        assert labels == {"no", "yes"} and abs(sum(probs) - 1) < 1e-3
-        assert drv.find_element(By.ID, "status").text.startswith("Top label:")
-        bad = tmp_path / "notes.png"  # a bad file shows the service's error message, not a crash
-        bad.write_text("not an image " * 20)
-        drv.find_element(By.ID, "file").send_keys(str(bad))
-        drv.find_element(By.ID, "submit").click()
-        WebDriverWait(drv, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("Error 415"))
-    finally:
-        drv.quit()
+    c = TestClient(serve.create_app(export_dir, max_upload_mb=1, segmenter_dir=seg_export))
+    assert c.get("/health").json()["segmenter_loaded"] is True
+    png = _sample_png(seg_export.parent / "up.png").read_bytes()
+    r = c.post("/segment", files={"file": ("x", png)})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    mask = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
+    sess, _ = segment.load_segmenter(seg_export)
+    expected, area = segment.segment_source(sess, png)
+    np.testing.assert_array_equal(mask > 0, expected > 0)
+    assert int(r.headers["X-Mask-Pixels"]) == area["pixels"]
+    assert c.post("/segment?output=json", files={"file": ("x", png)}).json()["area"] == area
+    ct = shared("dicom-samples", "pydicom", "CT_small.dcm").read_bytes()
+    r = c.post("/segment?output=json", files={"file": ("x", ct)})  # DICOM upload: 2D slice
+    assert r.status_code == 200 and r.json()["shape"] == [128, 128]
+    assert c.post("/segment", files={"file": ("x", b"%PDF" * 50)}).status_code == 415
+    vol = shared("ct-totalseg", "example_ct_sm.nii.gz").read_bytes()
+    r = c.post("/segment", files={"file": ("x", vol)})
+    assert r.status_code == 400 and "volume" in r.json()["detail"]
+    no_seg = TestClient(serve.create_app(export_dir))
+    assert no_seg.post("/segment", files={"file": ("x", png)}).status_code == 503
