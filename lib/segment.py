@@ -18,6 +18,17 @@ therefore not dropped, and ``dice_pos`` reports Dice over images that do contain
 
 Mask files must hold 0/1 (or 0/255, the usual 8-bit encoding of a binary mask); anything else, such as
 a multi-label map, is refused with a message naming the file, unless ``label=`` picks one structure.
+
+Inference API (what the service's ``POST /segment`` uses; torch is imported, the network can be ONNX):
+
+* ``export_onnx(checkpoint_or_fold_checkpoints, out_dir, sample=None)`` -> metadata dict; writes
+  ``model.onnx`` (input ``input`` (N, C, S, S), output ``probabilities`` (N, 1, S, S), fold models averaged
+  in the graph, recipe also embedded in the ONNX metadata), ``metadata.json``, ``labels.json``, ``sample.*``;
+  raises ``RuntimeError`` when ONNX Runtime and torch differ by more than ``tol``.
+* ``load_segmenter(best.pt | model.onnx | export folder)`` -> ``(torch model or ORT session, meta)``.
+* ``segment_array(session_or_model, image)`` -> ``(mask uint8 0/1 on the image's grid, area dict)``;
+  ``segment_source(session_or_model, path_or_bytes)`` decodes any supported file first; ``mask_png(mask)``.
+* CLI: ``python -m lib.segment predict|export`` (see ``main``).
 """
 
 from __future__ import annotations
@@ -108,6 +119,21 @@ def read_image_2d(path: str | Path) -> np.ndarray:
     if arr.ndim != 3:
         raise DataError(path, f"expected a 2D image, got shape {arr.shape}")
     return arr.astype(np.float32)
+
+
+def read_chw(path: str | Path) -> np.ndarray:
+    """One 2D image ``(C, H, W)`` from any input file, including a one-slice NIfTI with channels on the 4th axis
+    (the layout ``write_demo_inputs`` and the folder CLI use for multi-channel MRI)."""
+    path = Path(path)
+    if _suffix(path) not in (".nii", ".nii.gz"):
+        return read_image_2d(path)
+    from lib.io import load_nifti
+
+    vol = np.asarray(load_nifti(path).dataobj, dtype=np.float32)
+    vol = np.moveaxis(vol, 3, 0) if vol.ndim == 4 else vol[None]
+    if vol.shape[-1] != 1:
+        raise DataError(path, f"a volume of {vol.shape[-1]} slices: segment it with segment_file / the folder CLI")
+    return np.stack([axial_slice(c, 0) for c in vol])
 
 
 def read_mask_2d(path: str | Path, label: int | None = None) -> np.ndarray:
@@ -445,12 +471,61 @@ def load_ct_organs(cohort: str | Path, structure: str = "liver", window: tuple[f
     return RawSet(images, masks, table, ["ct"], window=tuple(window), skipped=skipped)
 
 
+def load_ct_crops(crops_dir: str | Path, structure: str = "liver", target: str = "organ", mode: str = "bbox",
+                  max_slices_per_study: int | None = None) -> RawSet:
+    """Axial slices of notebook 02's organ crops (``crops/index.csv`` + ``.npz``; ARCHITECTURE "Crop index").
+
+    Images are already HU-windowed to [0, 1]; the mask is the organ (``target='organ'``) or its lesions
+    (``'lesion'``). Margin slices without organ are kept, so empty masks occur; group = patient.
+    """
+    from lib.crop import load_crop, read_index
+
+    crops_dir = Path(crops_dir)
+    if not (crops_dir / "index.csv").exists():
+        raise DataError(crops_dir / "index.csv", "crop index not found (run notebook 02 or lib.crop.ensure_crops)")
+    if target not in ("organ", "lesion"):
+        raise ValueError(f"target must be organ|lesion, got {target!r}")
+    index = read_index(crops_dir)
+    index = index[(index.structure == structure) & (index["mode"] == mode) & index.path.str.endswith(".npz")]
+    if index.empty:
+        raise DataError(crops_dir / "index.csv", f"no {mode} .npz crops of {structure!r}")
+    images, masks, rows, skipped = [], [], [], SkippedCases()
+    for r in index.itertuples():
+        try:
+            crop = load_crop(crops_dir, r.path)
+            key = "mask" if target == "organ" else "lesion"
+            if key not in crop:
+                raise DataError(crops_dir / r.path, f"crop has no {key!r} array")
+            img, m = crop["image"].astype(np.float32), binarise_mask(crop[key], crops_dir / r.path)
+            check_pair(img, m, crops_dir / r.path, crops_dir / r.path)
+        except (DataError, OSError, ValueError) as exc:
+            skipped.add(str(r.case_id), exc if isinstance(exc, DataError) else DataError(r.path, str(exc)), "segment")
+            continue
+        ks = np.arange(len(img))
+        if max_slices_per_study and len(ks) > max_slices_per_study:
+            ks = ks[np.linspace(0, len(ks) - 1, max_slices_per_study).round().astype(int)]
+        spacing = float(str(r.spacing).split("x")[-1])
+        for k in ks:
+            images.append(img[k][None])
+            masks.append(m[k])
+            rows.append({"case_id": f"{r.case_id}_{structure}_s{int(k):02d}", "group": str(r.patient_id),
+                         "patient_id": str(r.patient_id), "study_id": str(r.case_id), "slice": int(k),
+                         "lesion_area_px": int(m[k].sum()), "spacing_mm": spacing})
+    if not images:
+        raise DataError(crops_dir, f"no usable crops ({len(skipped)} skipped)")
+    table = pd.DataFrame(rows)
+    table["has_lesion"] = (table.lesion_area_px > 0).astype(int)
+    return RawSet(images, masks, table, ["ct"], skipped=skipped)
+
+
 def load_dataset(name: str = "trus", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
-                 **kw: Any) -> RawSet:
+                 run_dir: str | Path | None = None, **kw: Any) -> RawSet:
     """One of ``DATASETS`` by name; synthetic sets are generated (cached) for ``profile`` and ``seed``.
 
-    Extra keywords go to the loader (e.g. ``max_slices_per_patient`` for ``ms-lesion``, ``structure``
-    for ``ct-organs``, ``target`` for ``trus``).
+    ``ct-organs`` reads notebook 02's crops in ``run_dir/crops`` (made by ``lib.crop.ensure_crops`` when
+    missing); ``source='cohort'`` takes whole axial slices from the cohort NIfTIs instead. Extra keywords go
+    to the loader (``max_slices_per_patient``/``patients`` for ``ms-lesion``, ``structure``/``target`` for
+    ``ct-organs``, ``target`` for ``trus``).
     """
     if name == "trus":
         from lib.synth_trus import ensure_trus
@@ -459,9 +534,16 @@ def load_dataset(name: str = "trus", profile: str = "smoke", seed: int = config.
     if name == "ms-lesion":
         return load_ms_lesion(**kw)
     if name == "ct-organs":
-        from lib.synth import ensure_cohort
+        if kw.pop("source", "crops") == "cohort":
+            from lib.synth import ensure_cohort
 
-        return load_ct_organs(ensure_cohort(profile, seed), **kw)
+            return load_ct_organs(ensure_cohort(profile, seed), **kw)
+        run = config.resolve_run_dir(run_dir, profile)
+        if not (run / "crops" / "index.csv").exists():
+            from lib.crop import ensure_crops
+
+            ensure_crops(run, profile, seed)
+        return load_ct_crops(run / "crops", **kw)
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
 
 
@@ -493,11 +575,15 @@ def build_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int =
 
 
 def make_seg_loss(name: str = "dicece") -> Callable[[Tensor, Tensor], Tensor]:
-    """Binary segmentation loss on logits: MONAI ``DiceCELoss`` (Dice + BCE), smp Dice + soft BCE, Dice + focal."""
+    """Binary segmentation loss on logits: MONAI ``DiceCELoss`` (Dice + BCE), smp Dice + soft BCE, Dice + focal.
+
+    Dice terms are computed over the whole batch (MONAI ``batch=True``, smp's default): with per-image Dice,
+    small lesions and lesion-free images made the network collapse to empty masks on the demo sets.
+    """
     if name == "dicece":
         from monai.losses import DiceCELoss
 
-        loss = DiceCELoss(sigmoid=True)
+        loss = DiceCELoss(sigmoid=True, batch=True)  # batch Dice: lesion-free images do not pull towards empty
     elif name == "dice+bce":
         import segmentation_models_pytorch as smp
 
@@ -506,7 +592,7 @@ def make_seg_loss(name: str = "dicece") -> Callable[[Tensor, Tensor], Tensor]:
     elif name == "dicefocal":
         from monai.losses import DiceFocalLoss
 
-        loss = DiceFocalLoss(sigmoid=True)
+        loss = DiceFocalLoss(sigmoid=True, batch=True)
     elif name == "bce":
         loss = nn.BCEWithLogitsLoss()
     else:
@@ -596,33 +682,40 @@ class SegConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 0
+    patience: int = 8  # early stop after this many epochs without a better Dice; the LR halves after half of it
     augment: str = "light"
     threshold: float = 0.5
     n_splits: int = 5
     seed: int = config.DEFAULT_SEED
     resume: bool = True
     progress: bool = False
+    threads: int = 0  # torch intra-op threads for lib.train.fit (0 = torch's default; 1 on a crowded CPU)
 
 
 def make_folds(table: pd.DataFrame, n_splits: int = 5, seed: int = config.DEFAULT_SEED) -> np.ndarray:
-    """Fold per row by ``lib.splits.group_kfold``: a patient (``group``) never spans folds, lesion/no-lesion
-    images balanced; ``n_splits >= n_groups`` gives leave-one-patient-out."""
+    """Fold per row by ``lib.splits.group_kfold``: a patient (``group``) never spans folds; ``n_splits >=``
+    the number of patients gives leave-one-patient-out. Lesion/no-lesion images are balanced across folds
+    when both kinds occur in at least ``n_splits`` patients (else folds are grouped only)."""
     from lib.splits import group_kfold
 
     n_groups = table["group"].nunique()
     if n_groups < 2:
         raise ValueError(f"need at least 2 groups (patients) for grouped k-fold, got {n_groups}")
-    return group_kfold(table.reset_index(drop=True), n_splits=min(n_splits, n_groups), group_col="group",
-                       label_col="has_lesion", seed=seed, rare="merge").to_numpy()
+    k = min(n_splits, n_groups)
+    t = table.reset_index(drop=True).copy()
+    t["stratum"] = t.get("has_lesion", 0)
+    if t.groupby("stratum")["group"].nunique().min() < k:
+        t["stratum"] = 0
+    return group_kfold(t, n_splits=k, group_col="group", label_col="stratum", seed=seed).to_numpy()
 
 
 def model_meta(cfg: SegConfig, data: SegData, target: str = "lesion") -> dict:
     """Checkpoint recipe (``lib.models.checkpoint_meta``) for a segmentation network."""
     from lib.models import checkpoint_meta
 
-    return checkpoint_meta(cfg.model, in_chans=data.x.shape[1], num_classes=1, task="segmentation",
+    meta = checkpoint_meta(cfg.model, in_chans=data.x.shape[1], num_classes=1, task="segmentation",
                            label_names=[target], preprocessing=data.preprocessing, encoder=cfg.encoder)
+    return {**meta, "threshold": float(cfg.threshold)}
 
 
 @torch.no_grad()
@@ -643,12 +736,15 @@ def train_fold(data: SegData, train_idx: np.ndarray, val_idx: np.ndarray, cfg: S
     g = torch.Generator().manual_seed(cfg.seed)
     train_ds = SegDataset(data.subset(train_idx), cfg.augment, cfg.seed)
     val_ds = SegDataset(data.subset(val_idx), None)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=False)
+    # a last batch of one image breaks batch norm at a 1x1 bottleneck (size 32): drop that single image
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                              drop_last=len(train_ds) % cfg.batch_size == 1)
     val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 32), shuffle=False)
     tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer="adam",
                        scheduler="plateau", patience=cfg.patience, monitor="dice", mode="max", seed=cfg.seed,
                        device="cpu" if not torch.cuda.is_available() else "auto", resume=cfg.resume,
-                       progress=cfg.progress)
+                       progress=cfg.progress,
+                       **({"threads": cfg.threads} if "threads" in TrainConfig.__dataclass_fields__ else {}))
     log = fit(model, train_loader, val_loader, make_seg_loss(cfg.loss), seg_metrics(cfg.threshold), tcfg, out_dir,
               model_meta(cfg, data, target))
     return model, log
@@ -673,11 +769,18 @@ def run_kfold(data: SegData, cfg: SegConfig, out_dir: str | Path, folds: Sequenc
     out_dir = Path(out_dir)
     fold_of = make_folds(data.table, cfg.n_splits, cfg.seed)
     todo = sorted(set(fold_of.tolist())) if folds is None else list(folds)
+    # resume only a run of the same data and settings; anything else in out_dir is retrained over
+    stamp = run_stamp(data, cfg, target)
+    stamp_path = out_dir / "stamp.json"
+    same = stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp
+    cfg_run = replace(cfg, resume=cfg.resume and same)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp_path.write_text(json.dumps(stamp, indent=1))
     probs = np.full((len(data), data.x.shape[-2], data.x.shape[-1]), np.nan, np.float32)
     rows, logs = [], {}
     for k in todo:
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        model, logs[k] = train_fold(data, tr, va, cfg, out_dir / f"fold{k}", target)
+        model, logs[k] = train_fold(data, tr, va, cfg_run, out_dir / f"fold{k}", target)
         p = predict_probs(model, data.x[va])
         probs[va] = p[:, 0].numpy()
         pred, truth = p > cfg.threshold, data.y[va] > 0.5
@@ -693,6 +796,18 @@ def run_kfold(data: SegData, cfg: SegConfig, out_dir: str | Path, folds: Sequenc
     (out_dir / "metrics.json").write_text(json.dumps({"config": asdict(cfg), "preprocessing": data.preprocessing,
                                                       "summary": summary.to_dict(orient="records")}, indent=1))
     return KFoldResult(per_case, probs, logs, out_dir)
+
+
+def run_stamp(data: SegData, cfg: SegConfig, target: str = "lesion") -> dict:
+    """What a k-fold run depends on (settings, preprocessing, a hash of the tensors): resume needs a match."""
+    import hashlib
+
+    digest = hashlib.sha256(data.x.numpy().tobytes())
+    digest.update(data.y.numpy().tobytes())
+    digest.update("|".join(map(str, data.table.case_id)).encode())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress", "threads")}
+    return json.loads(json.dumps({"config": settings, "preprocessing": data.preprocessing, "target": target,
+                                  "data_sha256": digest.hexdigest()}))
 
 
 def bootstrap_ci(values: np.ndarray, seed: int = config.DEFAULT_SEED, level: float = 0.95) -> tuple[float, float]:
@@ -724,15 +839,23 @@ def summarise(per_case: pd.DataFrame, seed: int = config.DEFAULT_SEED) -> pd.Dat
 
 
 def denoise_ablation(raw: RawSet, pre: Preprocess, cfg: SegConfig, filters: Sequence[str], out_dir: str | Path,
-                     folds: Sequence[int] = (0,), target: str = "lesion") -> pd.DataFrame:
-    """Same data, model and folds with each diffusion filter: per-image Dice/IoU plus preprocessing time."""
+                     folds: Sequence[int] = (0,), target: str = "lesion",
+                     reuse: KFoldResult | None = None) -> pd.DataFrame:
+    """Same data, model and folds with each diffusion filter: per-image Dice/IoU plus preprocessing time.
+
+    ``reuse`` is the main run (trained with ``pre.denoise``): its scores on ``folds`` stand for that filter
+    instead of training it again (same data, settings and seed give the same model).
+    """
     frames = []
     for f in filters:
         t0 = time.perf_counter()
         data = prepare(raw, replace(pre, denoise=f))
         prep_s = time.perf_counter() - t0
-        res = run_kfold(data, cfg, Path(out_dir) / f"denoise-{f}", folds, target)
-        frames.append(res.per_case.assign(denoise=f, preprocess_s=prep_s))
+        if reuse is not None and f == pre.denoise and set(folds) <= set(reuse.logs):
+            per_case = reuse.per_case[reuse.per_case.fold.isin(list(folds))]
+        else:
+            per_case = run_kfold(data, cfg, Path(out_dir) / f"denoise-{f}", folds, target).per_case
+        frames.append(per_case.assign(denoise=f, preprocess_s=prep_s))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -759,6 +882,99 @@ def plot_fold_scores(summary: pd.DataFrame, path: str | Path | None = None):
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def ablation_summary(abl: pd.DataFrame, reference: str = "none", seed: int = config.DEFAULT_SEED) -> pd.DataFrame:
+    """Per filter: mean Dice/IoU with 95% CIs and the paired Dice change vs ``reference`` on the same images."""
+    rows = []
+    ref = abl[abl.denoise == reference].set_index("case_id").dice if reference in set(abl.denoise) else None
+    for f, g in abl.groupby("denoise", sort=False):
+        row: dict[str, Any] = {"denoise": f, "n": len(g), "preprocess_s": float(g.preprocess_s.iloc[0])}
+        for metric in ("dice", "iou"):
+            lo, hi = bootstrap_ci(g[metric].to_numpy(), seed)
+            row.update({metric: float(g[metric].mean()), f"{metric}_lo": lo, f"{metric}_hi": hi})
+        if ref is not None:
+            delta = g.set_index("case_id").dice - ref.reindex(g.case_id).to_numpy()
+            lo, hi = bootstrap_ci(delta.to_numpy(), seed)
+            row.update({"delta_dice": float(delta.mean()), "delta_lo": lo, "delta_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_ablation(abl: pd.DataFrame, path: str | Path | None = None):
+    """Per-image Dice for each denoising filter (box + points): the spread matters as much as the mean."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sns.boxplot(data=abl, x="denoise", y="dice", color="0.85", fliersize=0, ax=ax)
+    sns.stripplot(data=abl, x="denoise", y="dice", hue="has_lesion", dodge=True, size=3, alpha=0.6, ax=ax)
+    ax.set(ylim=(-0.02, 1.02), title="denoising ablation: per-image Dice (same folds, model, seed)")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_examples(data: SegData, n: int = 6, seed: int = config.DEFAULT_SEED, path: str | Path | None = None):
+    """Prepared network inputs (first channel) with the truth contour: what the model actually sees."""
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(data.table.has_lesion == 1), np.flatnonzero(data.table.has_lesion == 0)
+    pick = list(rng.choice(pos, min(len(pos), n - min(len(neg), 1)), replace=False)) + list(neg[:1])
+    fig, axes = plt.subplots(1, len(pick), figsize=(2.6 * len(pick), 2.9), squeeze=False)
+    for ax, i in zip(axes[0], pick, strict=True):
+        ax.imshow(data.x[i, 0].numpy(), cmap="gray")
+        if data.y[i, 0].any():
+            ax.contour(data.y[i, 0].numpy(), levels=[0.5], colors="lime", linewidths=1)
+        ax.set_title(f"{data.table.case_id.iloc[i]}\n{int(data.y[i].sum())} px", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_denoisers(image: np.ndarray, pre: Preprocess, filters: Sequence[str], path: str | Path | None = None):
+    """One raw image through the preprocessing with each filter (first channel), side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(filters), figsize=(2.8 * len(filters), 3), squeeze=False)
+    for ax, f in zip(axes[0], filters, strict=True):
+        ax.imshow(preprocess_image(image, replace(pre, denoise=f))[0][0], cmap="gray")
+        ax.set_title(f, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def write_demo_inputs(raw: RawSet, folder: str | Path, n: int = 3, corrupt: bool = True) -> list[Path]:
+    """A small inference folder from a raw set: 1-channel images as 8-bit PNG, multi-channel as a one-slice NIfTI
+    (channels on the 4th axis), plus a corrupt file that batch inference must skip and list."""
+    import nibabel as nib
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(min(n, len(raw))):
+        img, case = raw.images[i], str(raw.table.case_id.iloc[i])
+        if img.shape[0] == 1:
+            lo, hi = float(img.min()), float(img.max())
+            u8 = np.round((img[0] - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+            paths.append(folder / f"{case}.png")
+            Image.fromarray(u8, mode="L").save(paths[-1])
+        else:
+            vol = np.stack([from_axial(c) for c in img], -1)[:, :, None, :]
+            paths.append(folder / f"{case}.nii.gz")
+            nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), str(paths[-1]))
+    if corrupt:
+        paths.append(folder / "corrupt.png")
+        paths[-1].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
+    return paths
 
 
 def pick_cases(per_case: pd.DataFrame, metric: str = "dice", lesion_only: bool = True) -> pd.DataFrame:
@@ -793,15 +1009,52 @@ def plot_overlays(data: SegData, probs: np.ndarray, cases: pd.DataFrame, thresho
 
 # ----------------------------------------------------------------------------- inference
 
+ONNX_META_KEY = "mednb_segment"  # key of the JSON recipe stored in model.onnx's metadata_props
 
-def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """A trained segmentation checkpoint -> ``(model.eval(), meta)`` (meta holds the preprocessing)."""
+
+def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict]:
+    """A trained segmenter and its recipe: ``best.pt`` -> ``(torch model, meta)``; ``model.onnx`` or an export
+    folder -> ``(onnxruntime session, metadata)``. Both go straight into ``segment_array``."""
+    path = Path(path)
+    if path.is_dir() or _suffix(path) == ".onnx":
+        onnx_path = path / "model.onnx" if path.is_dir() else path
+        if not onnx_path.exists():
+            raise DataError(onnx_path, "ONNX model not found")
+        from lib.export import ort_session
+
+        try:
+            sess = ort_session(onnx_path)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise DataError(onnx_path, f"unreadable ONNX model ({type(exc).__name__}: {exc})") from exc
+        meta = _meta_of(sess)
+        if meta is None:
+            raise DataError(onnx_path, "not a segmentation export (no recipe in its metadata; use export_onnx)")
+        return sess, meta
     from lib.models import load_checkpoint
 
     model, meta = load_checkpoint(path, device, builder=build_model)
     if meta.get("task") != "segmentation":
         raise DataError(path, f"not a segmentation checkpoint (task {meta.get('task')!r})")
+    model.mednb_meta = meta  # lets segment_array(model, image) find the preprocessing
     return model, meta
+
+
+def _meta_of(session_or_model: Any) -> dict | None:
+    """Recipe attached by ``load_segmenter`` (torch) or stored inside the ONNX file (session)."""
+    if isinstance(session_or_model, nn.Module):
+        return getattr(session_or_model, "mednb_meta", None)
+    if hasattr(session_or_model, "get_modelmeta"):
+        raw = session_or_model.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+        return json.loads(raw) if raw else None
+    return None
+
+
+def _probabilities(session_or_model: Any, x: np.ndarray) -> np.ndarray:
+    """Foreground probabilities ``(N, S, S)`` of prepared inputs ``(N, C, S, S)`` (torch model or ORT session)."""
+    if isinstance(session_or_model, nn.Module):
+        return predict_probs(session_or_model, torch.as_tensor(x))[:, 0].numpy()
+    name = session_or_model.get_inputs()[0].name
+    return np.asarray(session_or_model.run(None, {name: np.ascontiguousarray(x, np.float32)})[0])[:, 0]
 
 
 def _as_chw(image: np.ndarray, in_chans: int) -> np.ndarray:
@@ -812,7 +1065,7 @@ def _as_chw(image: np.ndarray, in_chans: int) -> np.ndarray:
     elif a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] not in (1, 3, 4):
         a = a[..., :3].transpose(2, 0, 1)
     if a.ndim != 3:
-        raise ValueError(f"expected a 2D image (H, W[, C]), got shape {image.shape}")
+        raise ValueError(f"expected a 2D image (H, W[, C]), got shape {np.shape(image)}")
     if a.shape[0] != in_chans:
         if in_chans == 1:
             a = a.mean(0, keepdims=True)
@@ -821,24 +1074,58 @@ def _as_chw(image: np.ndarray, in_chans: int) -> np.ndarray:
     return a
 
 
-def segment_probability(image: np.ndarray, model: nn.Module, meta: dict) -> np.ndarray:
-    """Lesion probability on the image's own grid (preprocessing from the checkpoint, then undone)."""
+def segment_probability(session_or_model: Any, image: np.ndarray, meta: dict | None = None) -> np.ndarray:
+    """Foreground probability on the image's own grid (the checkpoint's preprocessing, then undone)."""
+    meta = meta or _meta_of(session_or_model)
+    if meta is None:
+        raise ValueError("no preprocessing recipe: load the model with load_segmenter or pass meta=")
     pre = Preprocess.from_dict(meta["preprocessing"])
     a = _as_chw(image, int(meta["in_chans"]))
+    if min(a.shape[-2:]) < 8:
+        raise ValueError(f"image too small to segment ({a.shape[-1]}x{a.shape[-2]} pixels)")
     if not np.isfinite(a).all():
         raise ValueError("image has NaN/inf pixels")
     x, geom = preprocess_image(a, pre)
-    prob = predict_probs(model, torch.as_tensor(x)[None])[0, 0].numpy()
-    return restore_probability(prob, geom)
+    return restore_probability(_probabilities(session_or_model, x[None])[0], geom)
 
 
-def segment_array(image: np.ndarray, model: nn.Module, meta: dict, threshold: float = 0.5) -> np.ndarray:
-    """Binary mask (uint8 0/1, same height/width as ``image``) for one 2D image: what ``POST /segment`` calls."""
-    return (segment_probability(image, model, meta) > threshold).astype(np.uint8)
+def segment_array(session_or_model: Any, image: np.ndarray, meta: dict | None = None,
+                  threshold: float | None = None,
+                  spacing_mm: float | Sequence[float] | None = None) -> tuple[np.ndarray, dict[str, float | None]]:
+    """Segment one 2D image: ``(mask, area)``, what ``POST /segment`` calls.
+
+    ``session_or_model`` comes from ``load_segmenter`` (a torch model from ``best.pt`` or an ONNX Runtime
+    session from an ``export_onnx`` folder); either carries its preprocessing, so ``meta`` is only needed for
+    models built by hand. ``image`` is ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` in its own values (8-bit,
+    HU, MRI units): the recipe scales it. ``mask`` is uint8 0/1 with the image's height and width; ``area`` is
+    ``{"pixels": n, "mm2": n * spacing^2 or None}``. ``threshold`` defaults to the one used in validation.
+    """
+    meta = meta or _meta_of(session_or_model)
+    if meta is None:
+        raise ValueError("no preprocessing recipe: load the model with load_segmenter or pass meta=")
+    thr = float(meta.get("threshold", 0.5)) if threshold is None else float(threshold)
+    mask = (segment_probability(session_or_model, image, meta) > thr).astype(np.uint8)
+    return mask, mask_area(mask, spacing_mm)
+
+
+def segment_source(session_or_model: Any, src: str | Path | bytes, name: str | None = None,
+                   threshold: float | None = None) -> tuple[np.ndarray, dict[str, float | None]]:
+    """``segment_array`` on a file or uploaded bytes (PNG/JPEG/TIFF/BMP/DICOM/one-slice NIfTI), decoded by content
+    with ``lib.imageio``; the area is also in mm^2 when the file states a pixel spacing (DICOM, NIfTI)."""
+    from lib.imageio import read_image_with_meta
+
+    image, info = read_image_with_meta(src, name=name)
+    image = np.squeeze(image)
+    if image.ndim == 3 and image.shape[-1] not in (3, 4) and image.shape[0] not in (1, 3, 4):
+        raise DataError(name or str(src)[:80], f"a volume of shape {image.shape}: segment volumes with the folder "
+                                               "CLI (python -m lib.segment predict), which keeps the affine")
+    spacing = info.get("PixelSpacing") or (info.get("spacing") or [None])[:2]
+    spacing = [float(v) for v in spacing] if spacing and None not in spacing else None
+    return segment_array(session_or_model, image, threshold=threshold, spacing_mm=spacing)
 
 
 def mask_area(mask: np.ndarray, spacing_mm: float | Sequence[float] | None = None) -> dict[str, float | None]:
-    """Mask area in pixels and, with a pixel spacing, in mm^2."""
+    """Mask area in pixels and, with a pixel spacing (row, column) in mm, in mm^2."""
     px = int(np.asarray(mask).astype(bool).sum())
     if spacing_mm is None:
         return {"pixels": px, "mm2": None}
@@ -846,11 +1133,20 @@ def mask_area(mask: np.ndarray, spacing_mm: float | Sequence[float] | None = Non
     return {"pixels": px, "mm2": float(px * sy * sx)}
 
 
-def _write_png(mask: np.ndarray, path: Path) -> None:
+def mask_png(mask: np.ndarray) -> bytes:
+    """A mask as PNG bytes (0/255, 8-bit grey): the body ``POST /segment`` returns."""
+    import io
+
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_png(mask: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L").save(path)
+    path.write_bytes(mask_png(mask))
 
 
 def _write_nifti(mask: np.ndarray, affine: np.ndarray, path: Path, header=None) -> None:
@@ -862,10 +1158,11 @@ def _write_nifti(mask: np.ndarray, affine: np.ndarray, path: Path, header=None) 
     nib.save(img, str(path))
 
 
-def segment_file(path: str | Path, model: nn.Module, meta: dict, out_dir: str | Path, fmt: str = "auto",
-                 threshold: float = 0.5) -> dict:
-    """Segment one file and write its mask: NIfTI in -> NIfTI out with the source affine (slice by slice along
-    the last axis); 2D images -> PNG (0/255) or, with ``fmt='nifti'``, NIfTI with an identity affine."""
+def segment_file(path: str | Path, session_or_model: Any, meta: dict, out_dir: str | Path, fmt: str = "auto",
+                 threshold: float | None = None) -> dict:
+    """Segment one file and write its mask: NIfTI in -> NIfTI out with the source affine and header (slice by
+    slice along the last axis, channels on a 4th axis); 2D images -> PNG (0/255) or, with ``fmt='nifti'``,
+    NIfTI with an identity affine."""
     path, out_dir = Path(path), Path(out_dir)
     stem = path.name[: -len(_suffix(path))] if _suffix(path) else path.name
     if _suffix(path) in (".nii", ".nii.gz"):
@@ -883,38 +1180,42 @@ def segment_file(path: str | Path, model: nn.Module, meta: dict, out_dir: str | 
             mask = np.zeros(vol.shape[1:], np.uint8)
             for k in range(vol.shape[-1]):
                 chw = np.stack([axial_slice(c, k) for c in vol])
-                if chw.max() > chw.min():
-                    mask[..., k] = from_axial(segment_array(chw, model, meta, threshold))
+                if chw.max() > chw.min():  # blank slices (outside the scan) stay empty
+                    mask[..., k] = from_axial(segment_array(session_or_model, chw, meta, threshold)[0])
             out = out_dir / f"{stem}_mask.nii.gz"
-            _write_nifti(mask, img.affine, out)
+            _write_nifti(mask, img.affine, out, img.header)
             zooms = img.header.get_zooms()[:3]
-            return {"file": str(path), "output": str(out), **mask_area(mask), "mm2": None,
+            return {"file": str(path), "output": str(out), "pixels": int(mask.sum()), "mm2": None,
                     "ml": float(mask.sum() * np.prod(zooms) / 1000.0)}
     image = read_image_2d(path)
-    mask = segment_array(image, model, meta, threshold)
+    mask, area = segment_array(session_or_model, image, meta, threshold)
     if fmt == "nifti":
         out = out_dir / f"{stem}_mask.nii.gz"
-        _write_nifti(mask[..., None], np.eye(4), out)
+        _write_nifti(from_axial(mask)[..., None], np.eye(4), out)  # same orientation rule as NIfTI inputs
     else:
         out = out_dir / f"{stem}_mask.png"
         _write_png(mask, out)
-    return {"file": str(path), "output": str(out), **mask_area(mask), "ml": None}
+    return {"file": str(path), "output": str(out), **area, "ml": None}
 
 
 def predict_folder(model_path: str | Path, input_dir: str | Path, out_dir: str | Path, fmt: str = "auto",
-                   threshold: float = 0.5) -> tuple[pd.DataFrame, SkippedCases]:
-    """Segment every image in a folder; bad files are skipped and listed (``skipped_segment.csv``)."""
+                   threshold: float | None = None) -> tuple[pd.DataFrame, SkippedCases]:
+    """Segment every image (PNG/JPG/TIFF/DICOM/NIfTI) below a folder with a checkpoint or ONNX export; bad
+    files are skipped and listed in ``skipped_segment.csv`` beside ``predictions.csv``."""
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     if not input_dir.is_dir():
         raise DataError(input_dir, "input folder not found")
-    model, meta = load_segmenter(model_path)
+    if fmt not in ("auto", "png", "nifti"):
+        raise ValueError(f"format must be auto|png|nifti, got {fmt!r}")
+    segmenter, meta = load_segmenter(model_path)
     files = sorted(p for p in input_dir.rglob("*") if p.is_file() and _suffix(p) in IMAGE_SUFFIXES)
     rows, skipped = [], SkippedCases()
     for p in files:
         try:
-            rows.append(segment_file(p, model, meta, out_dir, fmt, threshold))
+            rows.append(segment_file(p, segmenter, meta, out_dir, fmt, threshold))
         except (DataError, ValueError) as exc:
-            skipped.add(p.name, exc if isinstance(exc, DataError) else DataError(p, str(exc)), "segment")
+            skipped.add(str(p.relative_to(input_dir)), exc if isinstance(exc, DataError) else DataError(p, str(exc)),
+                        "segment")
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows, columns=["file", "output", "pixels", "mm2", "ml"])
     table.to_csv(out_dir / "predictions.csv", index=False)
@@ -925,31 +1226,76 @@ def predict_folder(model_path: str | Path, input_dir: str | Path, out_dir: str |
 # ----------------------------------------------------------------------------- ONNX
 
 
-def export_onnx(model: nn.Module, meta: dict, path: str | Path, opset: int = 17) -> Path:
-    """ONNX graph (TorchScript exporter, ``dynamo=False``) with a dynamic batch axis, plus ``<path>.json`` meta."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = int(meta["preprocessing"]["size"])
-    dummy = torch.zeros(1, int(meta["in_chans"]), size, size)
-    model = model.cpu().eval()
-    torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                      dynamo=False)
-    keep = {k: meta[k] for k in ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing",
-                                 "model_kwargs") if k in meta}
-    path.with_suffix(".json").write_text(json.dumps(keep, indent=1, default=str))
-    return path
+class ProbabilityMean(nn.Module):
+    """Mean sigmoid probability of one or more (fold) segmentation models: what the ONNX graph computes."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([m(x).float().sigmoid() for m in self.members]).mean(0)
 
 
-def onnx_parity(model: nn.Module, onnx_path: str | Path, x: Tensor) -> float:
-    """Largest absolute difference between torch and ONNX Runtime logits on ``x`` (should be ~1e-5)."""
-    import onnxruntime as ort
+def export_onnx(checkpoint: str | Path | Sequence[str | Path], out_dir: str | Path, sample: str | Path | None = None,
+                tol: float = 1e-4, n_parity: int = 4) -> dict:
+    """Export a segmentation checkpoint (or fold checkpoints, averaged in the graph) to ``out_dir``.
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        ref = model.cpu().eval()(x).numpy()
-    out = sess.run(None, {"image": x.numpy().astype(np.float32)})[0]
-    return float(np.abs(out - ref).max())
+    Writes ``model.onnx`` (input ``input`` (N, C, S, S) preprocessed, output ``probabilities`` (N, 1, S, S),
+    dynamic batch; the recipe is also stored in the file's metadata so ``load_segmenter`` needs nothing
+    else), ``metadata.json`` (recipe, threshold, input/output, parity), ``labels.json`` and, when given,
+    ``sample.<ext>`` (a real image, also used in the parity check). Parity = max |ONNX Runtime - torch|
+    probability on the sample plus random inputs; above ``tol`` raises ``RuntimeError``. Returns the metadata.
+    """
+    import shutil
+
+    import onnx
+
+    from lib import export
+
+    paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(p) for p in checkpoint]
+    loaded = [load_segmenter(p) for p in paths]
+    models, meta = [m for m, _ in loaded], loaded[0][1]
+    for p, (_, m) in zip(paths[1:], loaded[1:], strict=True):
+        if (m["preprocessing"], m["in_chans"], m["model_name"]) != (meta["preprocessing"], meta["in_chans"],
+                                                                     meta["model_name"]):
+            raise DataError(p, f"checkpoint recipe differs from {paths[0]}: cannot average them")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size, chans = int(meta["preprocessing"]["size"]), int(meta["in_chans"])
+    net = ProbabilityMean(models).eval()
+    onnx_path = export.export_onnx(net, out_dir / "model.onnx", (chans, size, size))
+    recipe = {"format": "mednb-onnx-1", "task": "segmentation", "model_name": meta["model_name"],
+              "model_kwargs": meta.get("model_kwargs", {}), "in_chans": chans, "n_models": len(models),
+              "label_names": meta.get("label_names", []), "preprocessing": meta["preprocessing"],
+              "threshold": float(meta.get("threshold", 0.5)),
+              "input": {"name": "input", "shape": [None, chans, size, size], "dtype": "float32"},
+              "output": {"name": "probabilities", "shape": [None, 1, size, size],
+                         "meaning": "foreground probability (mean sigmoid over fold models) on the network grid; "
+                                    "segment_array maps it back to the image and thresholds it"}}
+    graph = onnx.load(str(onnx_path))
+    onnx.helper.set_model_props(graph, {ONNX_META_KEY: json.dumps(recipe, default=str)})
+    onnx.save(graph, str(onnx_path))
+    rng = np.random.default_rng(0)
+    x = rng.random((n_parity, chans, size, size), dtype=np.float32)
+    sample_info = None
+    if sample is not None:
+        sample = Path(sample)
+        target = out_dir / f"sample{_suffix(sample)}"
+        shutil.copyfile(sample, target)
+        img = _as_chw(read_chw(target), chans)
+        x = np.concatenate([preprocess_image(img, Preprocess.from_dict(meta["preprocessing"]))[0][None], x])
+        sample_info = {"file": target.name}
+    diff = export.parity(net, onnx_path, x)
+    metadata = {**recipe, "checkpoints": [str(p) for p in paths], "metrics": meta.get("metrics", {}),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "sample": sample_info,
+                "parity": {"max_abs_diff": diff, "tolerance": tol, "n_inputs": int(len(x))},
+                "onnx": {"file": onnx_path.name, "bytes": onnx_path.stat().st_size}}
+    (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1, default=str) + "\n")
+    (out_dir / "labels.json").write_text(json.dumps({"0": (meta.get("label_names") or ["foreground"])[0]}) + "\n")
+    if not diff <= tol:
+        raise RuntimeError(f"ONNX Runtime vs torch max |diff| {diff:.3g} > {tol} ({onnx_path})")
+    return metadata
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -960,31 +1306,32 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m lib.segment", description="2D segmentation inference and export.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("predict", help="segment every image (PNG/JPG/DICOM/NIfTI) in a folder")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint (best.pt)")
-    p.add_argument("--input", required=True, type=Path, help="folder of images")
-    p.add_argument("--out", required=True, type=Path, help="folder for masks")
+    p = sub.add_parser("predict", help="segment every image (PNG/JPG/TIFF/DICOM/NIfTI) in a folder")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint (best.pt) or ONNX export folder")
+    p.add_argument("--input", required=True, type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="folder for masks, predictions.csv, skipped_segment.csv")
     p.add_argument("--format", default="auto", choices=("auto", "png", "nifti"),
-                   help="auto: NIfTI for NIfTI inputs, PNG otherwise")
-    p.add_argument("--threshold", type=float, default=0.5)
-    e = sub.add_parser("export", help="export a checkpoint to ONNX and check parity with torch")
-    e.add_argument("--model", required=True, type=Path)
-    e.add_argument("--out", required=True, type=Path, help="model.onnx path")
+                   help="auto/png: NIfTI for NIfTI inputs (source affine), PNG otherwise; nifti: NIfTI for all")
+    p.add_argument("--threshold", type=float, default=None, help="default: the threshold used in validation")
+    e = sub.add_parser("export", help="export checkpoint(s) to ONNX (model.onnx + metadata.json), check parity")
+    e.add_argument("--model", required=True, type=Path, nargs="+", help="best.pt (several: fold ensemble)")
+    e.add_argument("--out", required=True, type=Path, help="export folder")
+    e.add_argument("--sample", type=Path, default=None, help="an image copied as sample.* and used for parity")
     e.add_argument("--tolerance", type=float, default=1e-4)
     args = ap.parse_args(argv)
     if args.cmd == "predict":
         table, skipped = predict_folder(args.model, args.input, args.out, args.format, args.threshold)
-        print(f"wrote {len(table)} masks to {args.out}")
+        print(f"wrote {len(table)} masks to {args.out}; skipped {len(skipped)}")
         for row in skipped.rows:
-            print(f"skipped {row['file']}: {row['reason']}")
+            print(f"skipped {row['case']}: {row['reason']}")
         return 0
-    model, meta = load_segmenter(args.model)
-    path = export_onnx(model, meta, args.out)
-    size = int(meta["preprocessing"]["size"])
-    diff = onnx_parity(model, path, torch.rand(2, int(meta["in_chans"]), size, size,
-                                               generator=torch.Generator().manual_seed(0)))
-    print(f"wrote {path}; max |torch - onnxruntime| = {diff:.2e}")
-    return 0 if diff <= args.tolerance else 1
+    try:
+        meta = export_onnx(args.model, args.out, args.sample, args.tolerance)
+    except RuntimeError as exc:
+        print(exc)
+        return 1
+    print(f"wrote {args.out / 'model.onnx'}; max |torch - onnxruntime| = {meta['parity']['max_abs_diff']:.2e}")
+    return 0
 
 
 if __name__ == "__main__":

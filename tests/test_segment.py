@@ -93,9 +93,13 @@ def test_losses_match_monai_references() -> None:
     logits = torch.randn(3, 1, 16, 16, generator=g)
     y = (torch.rand(3, 1, 16, 16, generator=g) > 0.7).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-    ref = DiceLoss(sigmoid=True)(logits, y) + bce
+    ref = DiceLoss(sigmoid=True, batch=True)(logits, y) + bce
     assert float(sg.make_seg_loss("dicece")(logits, y)) == pytest.approx(float(ref), rel=1e-5)
-    # smp Dice pools the batch; MONAI batch=True with smp's smoothing is the same quantity
+    # by hand: batch Dice = 1 - (2 sum(p y) + s) / (sum p + sum y + s), s = 1e-5 (MONAI's smoothing)
+    p = logits.sigmoid()
+    by_hand = 1 - (2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5) + bce
+    assert float(sg.make_seg_loss("dicece")(logits, y)) == pytest.approx(float(by_hand), rel=1e-5)
+    # smp Dice pools the batch too; MONAI batch=True with smp's smoothing is the same quantity
     ref_smp = DiceLoss(sigmoid=True, batch=True, smooth_nr=0.0, smooth_dr=1e-7)(logits, y) + bce
     assert float(sg.make_seg_loss("dice+bce")(logits, y)) == pytest.approx(float(ref_smp), rel=1e-4)
     perfect = (y * 2 - 1) * 20
@@ -203,15 +207,20 @@ def test_segment_array_and_folder_cli(trained, tmp_path) -> None:
 
     root, trus, data, _ = trained
     model, meta = sg.load_segmenter(root / "run" / "fold0" / "best.pt")
-    assert meta["preprocessing"]["size"] == 32 and meta["task"] == "segmentation"
+    assert meta["preprocessing"]["size"] == 32 and meta["task"] == "segmentation" and meta["threshold"] == 0.5
     img = np.asarray(Image.open(trus / "images" / "T0000_00.png"))
-    mask = sg.segment_array(img, model, meta)
+    mask, area = sg.segment_array(model, img, spacing_mm=0.5)
     assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 1}
+    assert area == {"pixels": int(mask.sum()), "mm2": mask.sum() * 0.25}
+    # the probability map is the network's output mapped back: thresholding it reproduces the mask
+    prob = sg.segment_probability(model, img)
+    assert np.array_equal(mask, (prob > 0.5).astype(np.uint8))
     assert sg.mask_area(np.ones((4, 5)), 0.5) == {"pixels": 20, "mm2": 5.0}
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.png").write_bytes((trus / "images" / "T0001_00.png").read_bytes())
     (src / "broken.png").write_bytes(b"not an image at all")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(src / "tiny.png")
     affine = np.diag([0.5, 0.5, 2.0, 1.0])
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 3)).astype(np.float32), affine),
              str(src / "vol.nii.gz"))
@@ -219,26 +228,101 @@ def test_segment_array_and_folder_cli(trained, tmp_path) -> None:
                     "--out", str(tmp_path / "out")]) == 0
     preds = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert sorted(preds.output.map(lambda p: p.split("/")[-1])) == ["a_mask.png", "vol_mask.nii.gz"]
-    skipped = pd.read_csv(tmp_path / "out" / "skipped_segment.csv")
-    assert skipped.case.tolist() == ["broken.png"]
+    skipped = pd.read_csv(tmp_path / "out" / "skipped_segment.csv").set_index("case").reason
+    assert sorted(skipped.index) == ["broken.png", "tiny.png"] and "too small" in skipped["tiny.png"]
     out = nib.load(str(tmp_path / "out" / "vol_mask.nii.gz"))
     assert out.shape == (40, 40, 3) and np.allclose(out.affine, affine)
+    png = np.asarray(Image.open(tmp_path / "out" / "a_mask.png"))
+    expected, _ = sg.segment_array(model, np.asarray(Image.open(src / "a.png")))
+    assert png.shape == expected.shape and np.array_equal(png > 0, expected > 0)
 
 
-def test_onnx_export_parity(trained, tmp_path) -> None:
+def test_segment_array_refuses_bad_images(trained) -> None:
     root, *_ = trained
-    model, meta = sg.load_segmenter(root / "run" / "fold0" / "best.pt")
-    path = sg.export_onnx(model, meta, tmp_path / "model.onnx")
-    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert sg.onnx_parity(model, path, x) < 1e-4
+    model, _ = sg.load_segmenter(root / "run" / "fold0" / "best.pt")
+    bad = np.full((40, 40), 0.5, np.float32)
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sg.segment_array(model, bad)
+    with pytest.raises(ValueError, match="2D image"):
+        sg.segment_array(model, np.zeros((2, 3, 40, 40)))
+    with pytest.raises(ValueError, match="recipe"):
+        sg.segment_array(sg.build_model("monai-unet"), np.zeros((40, 40)))
+    with pytest.raises(DataError, match="checkpoint not found"):
+        sg.load_segmenter(root / "nope.pt")
+
+
+def test_onnx_export_parity_and_session_inference(trained, tmp_path) -> None:
+    import io
+    import json
+
+    root, trus, *_ = trained
+    ckpt = root / "run" / "fold0" / "best.pt"
+    meta = sg.export_onnx(ckpt, tmp_path / "exp", sample=trus / "images" / "T0002_00.png")
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.onnx", "metadata.json", "labels.json",
+                                                                "sample.png"}
+    on_disk = json.loads((tmp_path / "exp" / "metadata.json").read_text())
+    assert on_disk["task"] == "segmentation" and on_disk["parity"]["max_abs_diff"] < 1e-4
+    assert on_disk["parity"]["n_inputs"] == 5 and meta["preprocessing"]["size"] == 32
+    sess, smeta = sg.load_segmenter(tmp_path / "exp")
+    model, _ = sg.load_segmenter(ckpt)
+    img = np.asarray(Image.open(trus / "images" / "T0003_00.png"))
+    p_onnx, p_torch = sg.segment_probability(sess, img), sg.segment_probability(model, img)
+    assert np.abs(p_onnx - p_torch).max() < 1e-4 and smeta["in_chans"] == 1
+    mask, area = sg.segment_array(sess, img)
+    assert area["pixels"] == int(mask.sum()) and mask.shape == img.shape
+    assert Image.open(io.BytesIO(sg.mask_png(mask))).size == (img.shape[1], img.shape[0])
+    up_mask, up_area = sg.segment_source(sess, (trus / "images" / "T0003_00.png").read_bytes())  # an upload
+    assert np.array_equal(up_mask, mask) and up_area == area
+    with pytest.raises(DataError, match="unknown or unsupported"):
+        sg.segment_source(sess, b"\x00garbage bytes")
+    assert sg.main(["export", "--model", str(ckpt), str(ckpt), "--out", str(tmp_path / "ens")]) == 0
+    assert json.loads((tmp_path / "ens" / "metadata.json").read_text())["n_models"] == 2
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="unreadable ONNX"):
+        sg.load_segmenter(tmp_path / "bad.onnx")
+
+
+def test_resume_only_with_same_stamp(trained) -> None:
+    root, _, data, res = trained
+    cfg = sg.SegConfig(model="monai-unet", epochs=2, batch_size=4, n_splits=2, resume=True)
+    again = sg.run_kfold(data, cfg, root / "run", folds=[0])  # same data and settings: resumes, nothing retrained
+    pd.testing.assert_frame_equal(again.per_case, res.per_case)
+    assert sg.run_stamp(data, cfg) != sg.run_stamp(data, sg.SegConfig(model="monai-unet", epochs=3, n_splits=2))
 
 
 def test_build_model_by_name() -> None:
-    x = torch.zeros(1, 2, 32, 32)
-    for name, enc in (("fpn", "resnet18"), ("unet", "tu-resnet10t"), ("monai-unet", "")):
-        assert sg.build_model(name, 2, 1, enc)(x).shape == (1, 1, 32, 32)
+    # batch of 2 at 64 px: the encoders' 1/32 bottleneck is 2x2, so batch norm has several values per channel
+    x = torch.zeros(2, 2, 64, 64)
+    for name, enc in (("fpn", "resnet18"), ("unet", "tu-resnet10t"), ("monai-unet", ""), ("monai-flexunet", "")):
+        assert sg.build_model(name, 2, 1, enc)(x).shape == (2, 1, 64, 64)
     with pytest.raises(ValueError, match="model must be"):
         sg.build_model("segformer-xxl")
+
+
+def test_ct_crops_loader(tmp_path) -> None:
+    crops = tmp_path / "crops"
+    (crops / "bbox" / "liver").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, pid in enumerate(["P0", "P0", "P1"]):
+        mask = np.zeros((4, 32, 32), np.uint8)
+        mask[1:3, 8:20, 8:20] = 1
+        np.savez(crops / "bbox" / "liver" / f"S{i}.npz", image=rng.random((4, 32, 32), dtype=np.float32), mask=mask,
+                 lesion=np.zeros_like(mask), spacing=np.ones(3, np.float32), affine=np.eye(4))
+        rows.append({"case_id": f"S{i}", "patient_id": pid, "structure": "liver", "organ": "liver", "mode": "bbox",
+                     "path": f"bbox/liver/S{i}.npz", "shape": "4x32x32", "spacing": "2x1x1", "voxels": 288,
+                     "bbox": "", "lesion_voxels": 0})
+    np.savez(crops / "bbox" / "liver" / "S3.npz", image=np.zeros((4, 32, 32), np.float32),
+             mask=np.full((4, 32, 32), 3, np.uint8))  # a label map: refused and listed
+    rows.append({**rows[-1], "case_id": "S3", "path": "bbox/liver/S3.npz"})
+    pd.DataFrame(rows).to_csv(crops / "index.csv", index=False)
+    raw = sg.load_ct_crops(crops, "liver", max_slices_per_study=3)  # slices 0, 2, 3 of each crop
+    assert len(raw) == 9 and set(raw.table.group) == {"P0", "P1"} and raw.channels == ["ct"]
+    assert raw.table.has_lesion.tolist() == [0, 1, 0] * 3 and raw.masks[1].sum() == 144
+    assert raw.skipped.to_frame().case.tolist() == ["S3"] and "not binary" in raw.skipped.rows[0]["reason"]
+    with pytest.raises(DataError, match="crop index"):
+        sg.load_ct_crops(tmp_path / "nowhere")
 
 
 # ----------------------------------------------------------------------------- real data
