@@ -12,6 +12,8 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
+# One BLAS/OpenMP thread per process: 2-core machines oversubscribe badly otherwise (10x slower training).
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: run test env data lint smoke unit nbval clean-scratch
 
@@ -32,6 +34,7 @@ $(VENV)/.installed: requirements.txt requirements.lock constraints.txt pyproject
 	$(UV) pip install --python $(PY) $(FIND_LINKS) -c constraints.txt -c requirements.lock -r requirements.txt
 	$(UV) pip install --python $(PY) --no-deps -e .
 	$(PY) tools/install_torchvision_compat.py
+	$(PY) -m compileall -q -j 2 $(VENV)/lib >/dev/null 2>&1 || true  # bytecode once: PYTHONDONTWRITEBYTECODE may be set
 	$(PY) -c "import timm, torchvision, monai; print('environment ok: torch', __import__('torch').__version__)"
 	touch $@
 

@@ -19,7 +19,8 @@ Outputs (``docs/ARCHITECTURE.md``, "Crop index"), under ``<run_dir>/crops/``:
 
 * training samples ``<name>/<structure>/<case_id>.npz``: ``image`` float32 (S, H, W) in [0, 1]
   (HU window applied), ``mask`` uint8, ``lesion`` uint8 (when lesion masks exist), ``spacing`` (3,)
-  in the order (S, H, W), ``affine`` (4, 4), and in ``25d`` mode ``stack`` float32 (S, k, H, W).
+  in the order (S, H, W), ``affine`` (4, 4), and in ``25d`` mode ``stack`` float32 (S, k, H, W) (the k
+  neighbouring source slices of each slice; ``image`` is its centre channel).
   Array axes: ``image[s, h, w]`` is the voxel ``(i, j, k) = (w, h, s)`` of an LPS-oriented volume
   (columns run to the patient's left, rows to posterior, slices upwards), so ``imshow(image[s])``
   shows the usual radiological view, and ``affine @ [w, h, s, 1]`` is its world position (RAS mm).
@@ -37,7 +38,6 @@ from __future__ import annotations
 import difflib
 import gzip
 import hashlib
-import io
 import itertools
 import json
 import multiprocessing
@@ -69,7 +69,7 @@ INDEX_COLUMNS = ["case_id", "patient_id", "structure", "organ", "mode", "path", 
 CASE_COLUMNS = ["case_id", "patient_id", "image", "mask", "mask_kind", "class_map", "lesion"]
 DEFAULT_STRUCTURES = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right", "gallbladder"]
 # Bump when the output of the same inputs + parameters changes, so caches are invalidated.
-CODE_VERSION = "crop-1"
+CODE_VERSION = "crop-3"
 AIR_HU = -1024.0
 LPS = ("L", "P", "S")
 
@@ -248,7 +248,12 @@ def _interp_axis(arr: np.ndarray, axis: int, coords: np.ndarray, order: int) -> 
         return np.take(arr, np.floor(c + 0.5).astype(int), axis=axis)
     i0 = np.minimum(np.floor(c).astype(int), n - 2)
     f = (c - i0).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(arr.ndim)])
-    return np.take(arr, i0, axis=axis) * (1 - f) + np.take(arr, i0 + 1, axis=axis) * f
+    a0 = np.take(arr, i0, axis=axis)
+    a1 = np.take(arr, i0 + 1, axis=axis)
+    a1 -= a0
+    a1 *= f
+    a1 += a0
+    return a1
 
 
 def sample(volume: np.ndarray, grid: Grid, order: int, cval: float, clamp_z: bool = False,
@@ -280,9 +285,29 @@ def sample(volume: np.ndarray, grid: Grid, order: int, cval: float, clamp_z: boo
         out = np.asarray(out, dtype=np.float32)
     for a in np.argsort([len(c) / max(hi[a] - lo[a], 1) for a, c in enumerate(axes)]):  # shrink most first
         out = _interp_axis(out, int(a), axes[a] - lo[a], order)
-    keep = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
-    out = np.where(keep, out, cval) if not keep.all() else out
-    return np.asarray(np.rint(out) if order == 0 and np.issubdtype(dtype, np.integer) else out, dtype=dtype)
+    if not all(m.all() for m in inside):  # blank what lies beyond the volume (dtype kept: no float64 detour)
+        keep = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+        out = np.where(keep, out, np.asarray(cval, dtype=out.dtype))
+    return np.asarray(np.rint(out) if np.issubdtype(dtype, np.integer) and out.dtype.kind == "f" else out, dtype=dtype)
+
+
+def sample_stack(volume: np.ndarray, grid: Grid, offsets: Sequence[float], cval: float) -> np.ndarray:
+    """2.5D stacks ``(x, y, z, k)``: ``sample(..., clamp_z=True, z_offset=o)`` for every offset, in one go.
+
+    Why: the in-plane passes dominate and are the same for every offset, so they run once on the slab of
+    source slices all offsets touch; only the cheap z pass is repeated. Edge slices repeat (clamped z).
+    """
+    n = volume.shape[2]
+    zc = grid.coords()[2]
+    offs = np.asarray(offsets, float)
+    lo = int(np.clip(np.floor(zc.min() + offs.min()), 0, n - 1))
+    hi = int(np.clip(np.floor(zc.max() + offs.max()) + 2, lo + 1, n))
+    plane = Grid(np.array([grid.origin[0], grid.origin[1], lo], float), np.array([grid.step[0], grid.step[1], 1.0]),
+                 (grid.shape[0], grid.shape[1], hi - lo))
+    slab = sample(volume, plane, 1, cval)  # (W, H, hi - lo), outside in-plane = cval
+    zyx = np.ascontiguousarray(slab.transpose(2, 1, 0))  # z first: the z pass copies whole planes
+    skhw = np.stack([_interp_axis(zyx, 0, np.clip(zc + o, 0, n - 1) - lo, 1) for o in offs], axis=1)
+    return skhw.transpose(3, 2, 0, 1)  # (x, y, z, k) view of the (S, k, H, W) sample layout: no copy later
 
 
 def stack_offsets(k: int, step: float = 1.0) -> np.ndarray:
@@ -290,11 +315,40 @@ def stack_offsets(k: int, step: float = 1.0) -> np.ndarray:
     return (np.arange(k) - k // 2) * float(step)
 
 
+def ball_mm(spacing: Sequence[float], mm: float) -> np.ndarray:
+    """Voxel offsets within ``mm`` millimetres of the centre (an ellipsoid in voxels for anisotropic spacing)."""
+    sp = np.asarray(spacing, float)
+    r = np.floor(mm / sp + 1e-9).astype(int)
+    grid = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    return sum((g * s) ** 2 for g, s in zip(grid, sp, strict=True)) <= mm * mm + 1e-9
+
+
 def dilate_mm(mask: np.ndarray, spacing: Sequence[float], mm: float) -> np.ndarray:
-    """Mask grown by ``mm`` millimetres (Euclidean, anisotropic spacing respected)."""
-    if mm <= 0 or not mask.any():
-        return mask.astype(bool)
-    return ndimage.distance_transform_edt(~mask.astype(bool), sampling=spacing) <= mm
+    """Mask grown by ``mm`` millimetres (Euclidean, anisotropic spacing respected).
+
+    Same voxels as ``distance_transform_edt(~mask, sampling=spacing) <= mm`` (tested), 10-20× faster: the
+    ball of radius ``mm`` is convex and symmetric, so for each (dy, dz) its x-offsets are one run [-a, a]; the
+    mask is dilated along x once per distinct run length and OR-ed in shifted by every (dy, dz) of the ball.
+    """
+    m = np.asarray(mask, bool)
+    if mm <= 0 or not m.any():
+        return m.copy()
+    ball = ball_mm(spacing, mm)
+    r = (np.asarray(ball.shape) - 1) // 2
+    runs: dict[int, np.ndarray] = {}
+    out = np.zeros_like(m)
+    for dy, dz in zip(*np.nonzero(ball.any(axis=0)), strict=True):
+        a = int(ball[:, dy, dz].sum()) // 2
+        if a not in runs:
+            line = m.copy()
+            for d in range(1, a + 1):
+                line[d:] |= m[:-d]
+                line[:-d] |= m[d:]
+            runs[a] = line
+        oy, oz = int(dy - r[1]), int(dz - r[2])
+        out[:, max(oy, 0):m.shape[1] + min(oy, 0), max(oz, 0):m.shape[2] + min(oz, 0)] |= \
+            runs[a][:, max(-oy, 0):m.shape[1] - max(oy, 0), max(-oz, 0):m.shape[2] - max(oz, 0)]
+    return out
 
 
 def world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
@@ -395,10 +449,12 @@ def _discover_nnunet(root: Path, image_glob: str = "*.nii*", **_: object) -> lis
         stem = _stem(img)
         if img.name.startswith("._"):  # macOS resource forks shipped in MSD tarballs
             continue
-        case = stem[:-5] if stem[-5:-4] == "_" and stem[-4:].isdigit() else stem
+        msd = _nii_files(root / "labelsTr", f"{stem}.nii*")  # MSD names the label like the image
+        case = stem[:-5] if not msd and stem[-5:-4] == "_" and stem[-4:].isdigit() else stem
         if case != stem and not stem.endswith("_0000"):
             continue  # other modalities of a multi-channel case
-        rows.append(case_row(case, img, root / "labelsTr" / f"{case}.nii.gz", "multilabel", cmap))
+        label = msd[0] if msd else root / "labelsTr" / f"{case}.nii.gz"
+        rows.append(case_row(case, img, label, "multilabel", cmap))
     return rows
 
 
@@ -423,10 +479,44 @@ def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total")
         im = nib.load(str(img))
         match = [m for m, h in headers.items()
                  if h.shape[:3] == im.shape[:3] and np.allclose(h.affine, im.affine, atol=1e-3)]
-        mask = match[0] if match else root / f"(no mask with the grid of {img.name})"
+        mask = match[0] if match else ""  # reported by the crop step as "no mask found"
         t = "total_mr" if match and _stem(match[0]).endswith("_mr") and "total_mr" in raw else task
         rows.append(case_row(_stem(img), img, mask, "multilabel", parse_class_map(raw, t) if raw else {}))
     return rows
+
+
+def open_cases(dataset: str | Path = "synthetic", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
+               image_glob: str = "*.nii*", layout: str = "auto") -> tuple[pd.DataFrame, Path]:
+    """The case table a notebook's ``dataset`` parameter names, and the folder it came from.
+
+    ``synthetic``: the generated cohort (cached); ``ct-totalseg``: the real TotalSegmentator example CTs in
+    ``../shared/data`` (``example_ct*.nii.gz`` paired with ``example_seg.nii.gz`` by voxel grid); anything
+    else is a folder in one of :func:`discover_cases`' layouts. A relative path that does not exist from the
+    current folder (papermill runs notebooks inside ``notebooks/``) is taken relative to the repository.
+    """
+    if str(dataset) == "synthetic":
+        from lib import synth
+
+        root = synth.ensure_cohort(profile, seed)
+        return discover_cases(root, "synthetic"), root
+    if str(dataset) == "ct-totalseg":
+        root = config.shared_path("ct-totalseg")
+        if not root.is_dir():
+            raise DataError(root, "the real CT example is not available (../shared/data/ct-totalseg)")
+        return discover_cases(root, "pairs", image_glob="example_ct*.nii.gz"), root
+    root = data_path(dataset)
+    return discover_cases(root, layout, image_glob=image_glob), root
+
+
+def data_path(path: str | Path) -> Path:
+    """A user path as given, or relative to the repository when it does not exist from the current folder.
+
+    Why: papermill and nbval run notebooks inside ``notebooks/``, users write paths from the repository root.
+    """
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (config.ROOT / p).exists():
+        return (config.ROOT / p).resolve()
+    return p
 
 
 def organ_of(structure: str) -> str:
@@ -496,13 +586,13 @@ def crop_structure(src: Prepared, mask_lps: np.ndarray, box: tuple[np.ndarray, n
         out_l = np.where(m, out_l, 0).astype(np.uint8)
     if params.mode == "25d":
         offs = stack_offsets(params.k, 1.0 if params.spacing is None else params.spacing[2] / sp[2])
-        img = np.stack([sample(src.hu, grid, 1, AIR_HU, clamp_z=True, z_offset=o) for o in offs], axis=-1)
+        img = sample_stack(src.hu, grid, offs, AIR_HU)
     else:
         img = sample(src.hu, grid, 1, AIR_HU)
     if params.mode == "seg":
         img = np.where(dilate_mm(m, out_sp, params.dilate_mm), img, np.float32(params.background_hu))
-    return Crop(img.astype(np.float32), m.astype(np.uint8), out_l, crop_affine(src.affine, grid.origin, grid.step),
-                out_sp, {"bbox": bbox})
+    return Crop(np.asarray(img, dtype=np.float32), m.astype(np.uint8), out_l,
+                crop_affine(src.affine, grid.origin, grid.step), out_sp, {"bbox": bbox})
 
 
 def crop_volume(image: nib.Nifti1Image, mask: np.ndarray, params: CropParams,
@@ -521,9 +611,9 @@ def to_sample(crop: Crop, window: str | Sequence[float]) -> dict[str, np.ndarray
     to_shw = lambda a: np.ascontiguousarray(np.transpose(a, (2, 1, 0)))  # noqa: E731  (x, y, z) -> (z, y, x)
     out: dict[str, np.ndarray] = {}
     if crop.image.ndim == 4:  # 25d: (x, y, z, k) -> stack (S, k, H, W); image = centre slice
-        stack = np.transpose(crop.image, (2, 3, 1, 0))
-        out["stack"] = np.ascontiguousarray(apply_window(stack, level, width), dtype=np.float32)
-        out["image"] = np.ascontiguousarray(out["stack"][:, crop.image.shape[3] // 2])
+        stack = apply_window(np.transpose(crop.image, (2, 3, 1, 0)), level, width)
+        out["stack"] = np.ascontiguousarray(stack, dtype=np.float32)
+        out["image"] = np.ascontiguousarray(stack[:, crop.image.shape[3] // 2])
     else:
         out["image"] = to_shw(apply_window(crop.image, level, width)).astype(np.float32)
     out["mask"] = to_shw(crop.mask).astype(np.uint8)
@@ -550,14 +640,15 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], level: int = 1) -> None:
     Why: noisy float32 CT hardly compresses (zlib saves ~10 % at ~40 ms per sample), and writing is
     most of the crop's cost.
     """
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh_zip, zipfile.ZipFile(fh_zip, "w") as zf:  # straight to disk: no in-memory copy
         for name, arr in arrays.items():
             packed = np.issubdtype(np.asarray(arr).dtype, np.integer)
             with zf.open(zipfile.ZipInfo(f"{name}.npy") if not packed else _deflated(f"{name}.npy", level),
                          "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
-    _atomic_write(path, buf.getvalue())
+    os.replace(tmp, path)
 
 
 def _deflated(name: str, level: int) -> zipfile.ZipInfo:
@@ -593,6 +684,16 @@ def write_crop(crop: Crop, params: CropParams, out_dir: Path, rel: str) -> tuple
 # ----------------------------------------------------------------------------- one case
 
 
+def load_3d(path: str | Path) -> nib.Nifti1Image:
+    """``lib.io.load_nifti`` for one volume: trailing singleton axes (x, y, z, 1) dropped, real 4D refused."""
+    img = load_nifti(path)
+    if img.ndim == 3:
+        return img
+    if any(n != 1 for n in img.shape[3:]):
+        raise DataError(path, f"expected one 3D volume, got shape {img.shape} (pick a volume of the series first)")
+    return nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(img.shape[:3]), img.affine, img.header)
+
+
 def _structure_masks(case: dict, image: nib.Nifti1Image, structures: Sequence[str], skipped: SkippedCases
                      ) -> tuple[dict[str, tuple[np.ndarray, int | None]], np.ndarray | None]:
     """Per requested structure: (mask, label) where mask is a label map (multilabel) or a binary mask;
@@ -608,12 +709,12 @@ def _structure_masks(case: dict, image: nib.Nifti1Image, structures: Sequence[st
             if not path.exists():
                 skipped.add(case["case_id"], DataError(folder, _unknown(s, valid)), stage="crop")
                 continue
-            m = load_nifti(path)
+            m = load_3d(path)
             check_same_grid(image, m, case["image"], path)
             out[s] = (np.asanyarray(m.dataobj), None)
         return out, None
     cmap = {int(k): v for k, v in json.loads(case["class_map"] or "{}").items()}
-    seg = load_nifti(case["mask"])
+    seg = load_3d(case["mask"])
     check_same_grid(image, seg, case["image"], case["mask"])
     labels = np.asanyarray(seg.dataobj)
     if not np.issubdtype(labels.dtype, np.integer):
@@ -642,12 +743,13 @@ def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path, params
     cid = case["case_id"]
     try:
         if not case.get("mask"):
-            raise DataError(case["image"], "no mask given for this image")
-        image = load_nifti(case["image"])
+            raise DataError(case["image"], "no mask found for this image (none given, or no mask file in the "
+                                           "folder has its voxel grid)")
+        image = load_3d(case["image"])
         masks, labels = _structure_masks(case, image, structures, skipped)
         lesion = None
         if case.get("lesion"):
-            les_img = load_nifti(case["lesion"])
+            les_img = load_3d(case["lesion"])
             check_same_grid(image, les_img, case["image"], case["lesion"])
             lesion = np.asanyarray(les_img.dataobj)
     except DataError as exc:
@@ -858,18 +960,26 @@ def overlay_check(crop: dict[str, np.ndarray], source_mask: np.ndarray, source_a
         ijk = np.stack([w, h, s], 1)
     else:  # NIfTI (x, y, z)
         ijk = np.indices(m.shape).reshape(3, -1).T
-    src = nib.affines.apply_affine(np.linalg.inv(source_affine), world(crop["affine"], ijk))
+    to_src = np.linalg.inv(source_affine) @ np.asarray(crop["affine"], float)  # crop voxel -> source voxel
+    src = (ijk[:, :, None] * to_src[:3, :3].T[None]).sum(1) + to_src[:3, 3]  # elementwise: no BLAS threads
     shape = np.asarray(source_mask.shape[:3])
     mine = m.reshape(-1) > 0
-    agree = np.zeros(len(src), bool)
-    # nearest-neighbour at an exact .5 tie may round either way: accept both neighbours there
-    tie = np.abs(src - np.floor(src) - 0.5) < 1e-4
-    for down in itertools.product((False, True), repeat=3):
-        idx = np.where(tie, np.floor(src) + ~np.array(down), np.floor(src + 0.5)).astype(int)
+
+    def agrees(idx: np.ndarray, want: np.ndarray) -> np.ndarray:
         inside = ((idx >= 0) & (idx < shape)).all(1)
-        ref = np.zeros(len(src), bool)
+        ref = np.zeros(len(idx), bool)
         ref[inside] = source_mask[tuple(idx[inside].T)] > 0
-        agree |= mine == ref
+        return want == ref
+
+    agree = agrees(np.floor(src + 0.5).astype(int), mine)
+    # nearest-neighbour at an exact .5 tie may round either way: accept either neighbour there
+    retry = np.flatnonzero(~agree & (np.abs(src - np.floor(src) - 0.5) < 1e-4).any(1))
+    if len(retry):
+        s = src[retry]
+        tie = np.abs(s - np.floor(s) - 0.5) < 1e-4
+        for down in itertools.product((False, True), repeat=3):
+            idx = np.where(tie, np.floor(s) + ~np.array(down), np.floor(s + 0.5)).astype(int)
+            agree[retry] |= agrees(idx, mine[retry])
     return float(agree.mean())
 
 
@@ -907,14 +1017,53 @@ def gallery(index: pd.DataFrame, crops_dir: str | Path, n_cases: int = 3, modes:
 
 
 def crop_sizes(index: pd.DataFrame) -> pd.DataFrame:
-    """Physical crop size (mm) along x, y, z of each crop, from the source box and output spacing.
+    """Field of view of each crop in mm along x, y, z (stored shape × output spacing), for size plots.
 
-    The box is the source voxel box with margin; its extent in mm is box size × source spacing, which
-    equals stored shape × spacing for native NIfTI crops (rows with ``.nii.gz`` paths).
+    NIfTI crops are stored (x, y, z) and npz samples (S, H, W) = (z, y, x); both shape and spacing in the
+    index follow the stored order, so the product is the physical extent. For native-grid NIfTI crops this
+    is the organ's box plus margin; fixed-size samples cover a square in-plane field of view.
     """
-    nii = index[index.path.str.endswith(".nii.gz")].copy()
-    sp = nii.spacing.str.split("x", expand=True).astype(float)
-    sh = nii["shape"].str.split("x", expand=True).astype(float)
+    out = index.copy()
+    sp = out.spacing.str.split("x", expand=True).astype(float).to_numpy()
+    sh = out["shape"].str.split("x", expand=True).astype(float).to_numpy()[:, :3]
+    ext = sh * sp
+    npz = out.path.str.endswith(".npz").to_numpy()
+    ext[npz] = ext[npz][:, ::-1]  # (z, y, x) -> (x, y, z)
     for a, ax in enumerate("xyz"):
-        nii[f"{ax}_mm"] = sh[a] * sp[a]
-    return nii
+        out[f"{ax}_mm"] = ext[:, a]
+    out["kind"] = np.where(npz, "npz sample", "nifti 3D")
+    return out
+
+
+def source_mask(case: dict, structure: str, labels: nib.Nifti1Image | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Binary mask of one structure on the source grid and the source affine (for checks and figures).
+
+    ``labels``: the case's multilabel mask when already loaded (several structures, one read).
+    """
+    if case["mask_kind"] == "folder":
+        img = load_3d(Path(case["mask"]) / f"{structure}.nii.gz")
+        return np.asanyarray(img.dataobj) > 0, img.affine
+    index = {v: int(k) for k, v in json.loads(case["class_map"] or "{}").items()}
+    if structure not in index:
+        raise DataError(case["mask"], _unknown(structure, sorted(index)))
+    img = labels if labels is not None else load_3d(case["mask"])
+    return np.asanyarray(img.dataobj) == index[structure], img.affine
+
+
+def verify_overlay(index: pd.DataFrame, cases: pd.DataFrame, crops_dir: str | Path) -> pd.DataFrame:
+    """World-coordinate check of every crop in ``index``: :func:`overlay_check` against its source mask.
+
+    Returns ``index`` with an ``overlay`` column (1.0 = each crop voxel's mask equals the source mask at the
+    same world position, whatever the mode, orientation, resampling or output size).
+    """
+    by_case = cases.fillna("").set_index("case_id")
+    out = index.copy()
+    out["overlay"] = np.nan
+    for cid, rows in out.groupby("case_id"):
+        case = by_case.loc[cid].to_dict()
+        labels = load_3d(case["mask"]) if case["mask_kind"] != "folder" else None
+        for structure, srows in rows.groupby("structure"):
+            mask, affine = source_mask(case, structure, labels)
+            for i, rel in srows.path.items():
+                out.loc[i, "overlay"] = overlay_check(load_crop(crops_dir, rel), mask, affine)
+    return out

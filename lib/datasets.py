@@ -320,10 +320,10 @@ def image_dataset(table: pd.DataFrame, classes: Sequence[str] | None = None, pat
         raise DataError("table", f"no usable images ({len(skipped)} skipped)")
     out["target"] = out[label_col].astype(str).map({c: k for k, c in enumerate(classes)})
     if task == "binary":
-        y = torch.from_numpy(out["target"].to_numpy(np.float32)[:, None])
+        y = torch.from_numpy(out["target"].to_numpy(np.float32, copy=True)[:, None])
         names = [classes[1]]
     else:
-        y = torch.from_numpy(out["target"].to_numpy(np.int64))
+        y = torch.from_numpy(out["target"].to_numpy(np.int64, copy=True))
         names = classes
     prep = {"source": "images", **spec, "classes": classes}
     return CachedDataset(torch.from_numpy(np.stack(xs)), y, out, names, task, transform, prep, skipped)
@@ -344,6 +344,8 @@ def csv_dataset(csv_path: str | Path, path_col: str = "path", label_col: str = "
 # ----------------------------------------------------------------------------- by name (notebook parameter)
 
 DATASETS = ("synthetic-ct", "brain-mri", "cxr-3class")
+ALIASES = {"cxr": "cxr-3class", "brain": "brain-mri", "synthetic": "synthetic-ct"}
+SHARED_FOLDERS = {"brain-mri": "brain-mri-tumor", "cxr-3class": "cxr-covid-3class/Covid19-dataset"}
 
 
 def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = None, profile: str = "smoke",
@@ -357,8 +359,10 @@ def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = No
     ``synthetic-ct``: crops of the synthetic cohort (``lib.crop.ensure_crops``) joined with report labels
     (``lib.reports.label_cohort``) or the ground truth; both upstream steps are cached and only run when
     ``run_dir`` lacks their output. Grouped by ``patient_id``; the ground truth rides along as ``truth``.
-    ``brain-mri`` / ``cxr-3class``: the 2D sets in ``../shared/data`` (or ``root``), grouped by duplicate
-    ``group`` (exact copies and perceptual near-duplicates, ``lib.splits.image_folder_table``).
+    ``brain-mri`` / ``cxr-3class`` (alias ``cxr``): the 2D sets in ``../shared/data`` (or ``root``), grouped by
+    duplicate ``group`` (exact copies and perceptual near-duplicates, ``lib.splits.image_folder_table``).
+    Any other value is a path: a class-per-folder image tree (PNG/JPG/DICOM) or a CSV with ``path`` and
+    ``label`` columns (grouped by ``patient_id`` or ``group`` when present, else by file).
     """
     from lib import config
 
@@ -378,16 +382,53 @@ def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = No
                           truth=truth, mode="bbox")
         ds.skipped.save(run / "skipped_dataset.csv")
         return ds, "patient_id"
+    dataset = ALIASES.get(dataset, dataset)
     if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        path = Path(dataset)
+        if path.suffix.lower() == ".csv" and path.is_file():  # a table of image paths + a label column
+            ds = csv_dataset(path, channels=channels, size=size)
+            return ds, next((c for c in ("patient_id", "group") if c in ds.table), "path")
+        if path.is_dir():  # <root>/[<split>/]<class>/<image>
+            return _folder_dataset(path, channels, size, task=None)
+        raise ValueError(f"dataset must be one of {DATASETS}, an image folder or a CSV file, got {dataset!r}")
+    root = Path(root) if root else config.shared_path(*SHARED_FOLDERS[dataset].split("/"))
+    if dataset == "brain-mri":
+        return _folder_dataset(root, channels, size, classes=["no", "yes"], task="binary")
+    return _folder_dataset(root, channels, size, task="multiclass")
+
+
+def _folder_dataset(root: Path, channels: int, size: int, classes: list[str] | None = None,
+                    task: str | None = None) -> tuple[CachedDataset, str]:
+    """Class-per-folder images grouped by duplicate ``group`` (exact copies and perceptual near-duplicates)."""
     from lib import splits
 
-    folder = {"brain-mri": "brain-mri-tumor", "cxr-3class": "cxr-covid-3class/Covid19-dataset"}[dataset]
-    root = Path(root) if root else config.shared_path(*folder.split("/"))
     skipped = SkippedCases()
     table = splits.image_folder_table(root, skipped=skipped)
-    classes = ["no", "yes"] if dataset == "brain-mri" else sorted(table["label"].unique())
-    ds = image_dataset(table, classes, channels=channels, size=size,
-                       task="binary" if dataset == "brain-mri" else "multiclass")
+    ds = image_dataset(table, classes, channels=channels, size=size, task=task)
     ds.skipped.extend(skipped)
     return ds, "group"
+
+
+def holdout_split(ds: CachedDataset, group_col: str, val_fraction: float = 0.25, seed: int | None = None,
+                  strata_col: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows): one fold of a patient/duplicate-grouped, label-stratified k-fold.
+
+    ``strata_col`` stratifies on another column (e.g. ``truth``); by default on the training targets. Raises
+    ``lib.splits.LeakageError`` if a group ended up on both sides (it cannot, but the check is cheap).
+    """
+    from lib import config, splits
+
+    seed = config.DEFAULT_SEED if seed is None else seed
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if strata_col is not None:
+        strata = ds.table[strata_col].astype(str).to_numpy()
+    elif ds.task == "multiclass":
+        strata = np.asarray(ds.label_names)[ds.y.numpy()]
+    else:
+        y = ds.y.numpy().reshape(len(ds), -1)
+        strata = np.array(["|".join("nan" if v != v else str(int(v)) for v in row) for row in y])
+    frame = pd.DataFrame({"group": ds.table[group_col].astype(str).to_numpy(), "label": strata})
+    folds = splits.group_kfold(frame, max(2, round(1 / val_fraction)), "group", "label", seed=seed, rare="merge")
+    splits.check_leakage(folds, frame["group"])
+    return np.flatnonzero(folds.to_numpy() != 0), np.flatnonzero(folds.to_numpy() == 0)

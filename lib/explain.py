@@ -104,11 +104,13 @@ def candidate_layers(model: nn.Module, example: Tensor) -> list[str]:
     return out
 
 
-def find_target_layer(model: nn.Module, example: Tensor, layer: str | None = None) -> str:
+def find_target_layer(model: nn.Module, example: Tensor, layer: str | None = None, min_map_size: int = 4) -> str:
     """The layer Grad-CAM hooks: ``layer`` if given, else the family default, else the last conv stage.
 
-    Raises ValueError naming the layers that would work when the model has no usable convolutional layer
-    or ``layer`` is not one of them.
+    An automatic pick must give a map of at least ``min_map_size`` cells per side for ``example``: on the small
+    inputs used here (64 px) ResNet's ``layer4`` is a 2 x 2 grid that can only point at a quadrant, so the
+    pick steps back to the last conv stage that is fine enough (``layer3``, 4 x 4). Raises ValueError naming
+    the layers that would work when the model has no usable convolutional layer or ``layer`` is not one of them.
     """
     spatial = dict(_spatial_outputs(model, example))
     candidates = candidate_layers(model, example)
@@ -117,16 +119,27 @@ def find_target_layer(model: nn.Module, example: Tensor, layer: str | None = Non
             return layer
         raise ValueError(f"target layer {layer!r} of {type(model).__name__} does not give a spatial (N, C, H, W) "
                          f"map for input {tuple(example.shape)}; candidate layers: {candidates[-12:]}")
-    family = _family_layer(model)
-    if family is not None and family in spatial:
-        return family
     if not candidates:
         names = [n for n, _ in model.named_children()]
         raise ValueError(f"{type(model).__name__} has no convolutional layer usable for Grad-CAM (no Conv2d "
                          f"stage gives a spatial map for input {tuple(example.shape)}); candidate layers: none. "
                          f"Its top-level layers are {names}; pass target_layer=<name> of a layer with a "
                          f"(N, C, H, W) output, or use method='occlusion'.")
-    # A conv-containing module that finishes last, e.g. a whole stage rather than its last conv.
+
+    def fine(name: str) -> bool:
+        return min(spatial[name][-2:]) >= min(min_map_size, *example.shape[-2:])
+
+    family = _family_layer(model)
+    if family is not None and family in spatial and fine(family):
+        return family
+    # Step back along timm's own feature stages (feature_info: ResNet layer1..4, EfficientNet blocks.k, ConvNeXt
+    # stages.k, ...) to the last one that is fine enough; models without it: the conv-containing module that
+    # finishes last, e.g. a whole stage rather than its last conv.
+    info = getattr(model, "feature_info", None)
+    stages = [d["module"] for d in info] if isinstance(info, list) else []
+    for pool in ([n for n in stages if n in spatial and fine(n)], [n for n in candidates if fine(n)]):
+        if pool:
+            return pool[-1]
     return candidates[-1]
 
 
@@ -158,6 +171,7 @@ class Explainer:
     task: str = "binary"
     class_idx: int = 0
     target_layer: str | None = None
+    min_map_size: int = 4  # automatic Grad-CAM layer: at least this many cells per side
     mask_size: int = 16
     stride: int | None = None  # occlusion step in pixels; None -> from overlap
     overlap: float = 0.6
@@ -181,8 +195,9 @@ class Explainer:
             return self._act(self.model(x.float()))[:, self.class_idx].double().cpu().numpy()
 
     def layer(self, x: Tensor) -> str:
+        """Grad-CAM target layer for inputs shaped like ``x`` (picked once, see ``find_target_layer``)."""
         if "layer" not in self._cams:
-            self._cams["layer"] = find_target_layer(self.model, x[:1].float(), self.target_layer)
+            self._cams["layer"] = find_target_layer(self.model, x[:1].float(), self.target_layer, self.min_map_size)
         return self._cams["layer"]
 
     def _cam(self, method: str, x: Tensor):
@@ -257,22 +272,29 @@ def is_zero_map(saliency: np.ndarray) -> bool:
 def pointing_game(saliency: np.ndarray, lesion: np.ndarray | None, tolerance: float = 2.0) -> float:
     """1.0 when the map's maximum lies within ``tolerance`` pixels of the lesion, else 0.0.
 
-    NaN when there is no lesion to point at or the map has no positive value (see ``is_zero_map``).
+    Upsampled coarse maps have flat tops (ties); the score is then the share of the tied maximal pixels
+    that hit, i.e. the expected score when the tie is broken at random, not whichever comes first in
+    memory. NaN when there is no lesion to point at or the map has no positive value (see ``is_zero_map``).
     """
     if lesion is None or not np.asarray(lesion).any() or is_zero_map(saliency):
         return float("nan")
     lesion = np.asarray(lesion) > 0
-    s = np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=-np.inf)
-    peak = np.unravel_index(int(np.argmax(s)), s.shape)
+    s = np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max)
+    if s.shape != lesion.shape:
+        raise ValueError(f"map shape {s.shape} differs from lesion mask {lesion.shape}")
+    peak = s.max()
+    tops = s >= peak - 1e-6 * abs(peak)
     dist = ndimage.distance_transform_edt(~lesion)
-    return float(dist[peak] <= tolerance)
+    return float((dist[tops] <= tolerance).mean())
 
 
 def energy_inside(saliency: np.ndarray, lesion: np.ndarray | None) -> float:
     """Share of the map's positive energy inside the lesion mask (1.0 = all of it); NaN if undefined."""
     if lesion is None or not np.asarray(lesion).any() or is_zero_map(saliency):
         return float("nan")
-    pos = np.clip(np.nan_to_num(np.asarray(saliency, dtype=np.float64)), 0, None)
+    pos = np.clip(np.nan_to_num(np.asarray(saliency, dtype=np.float64), posinf=0.0), 0, None)
+    if pos.shape != np.asarray(lesion).shape:
+        raise ValueError(f"map shape {pos.shape} differs from lesion mask {np.asarray(lesion).shape}")
     return float(pos[np.asarray(lesion) > 0].sum() / pos.sum())
 
 
@@ -378,8 +400,8 @@ def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam"
     layers = parameter_layers(model)
     groups = [[n] for n in layers] if not n_steps else [list(g) for g in np.array_split(layers, n_steps) if len(g)]
     mods = dict(model.named_modules())
-    settings = {k: getattr(explainer, k) for k in ("task", "class_idx", "target_layer", "mask_size", "stride",
-                                                   "overlap", "occlusion_mode", "n_batch")}
+    settings = {k: getattr(explainer, k) for k in ("task", "class_idx", "target_layer", "min_map_size", "mask_size",
+                                                   "stride", "overlap", "occlusion_mode", "n_batch")}
     settings["target_layer"] = explainer.layer(x) if method != "occlusion" else explainer.target_layer
     rows = [{"step": 0, "layer": "(trained)", "n_randomised": 0, "spearman": spearman(ref, ref),
              "zero_map": is_zero_map(ref)}]
@@ -397,14 +419,36 @@ def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam"
     return pd.DataFrame(rows)
 
 
+def randomisation_study(explainer: Explainer, xs: Tensor, sample_ids: Sequence[str], methods: Sequence[str],
+                        n_cases: int = 1, n_steps: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """``randomisation_check`` for each method on the first ``n_cases`` inputs (in the given order) whose trained
+    map is not all zero: a zero map has no ranks to lose, so it would make the check pass vacuously. Inputs
+    are taken anyway when fewer than ``n_cases`` have a non-zero map (their rows say ``zero_map``).
+    Returns the checks' rows with ``sample_id`` and ``method`` columns."""
+    frames = []
+    for method in methods:
+        chosen: list[int] = []
+        for i in range(len(xs)):
+            if len(chosen) < n_cases and not is_zero_map(explainer.map(xs[i:i + 1], method)[0]):
+                chosen.append(i)
+        chosen += [i for i in range(len(xs)) if i not in chosen][:n_cases - len(chosen)]
+        for i in chosen:
+            res = randomisation_check(explainer, xs[i:i + 1], method, n_steps, seed)
+            frames.append(res.assign(sample_id=str(sample_ids[i]), method=method))
+    if not frames:
+        raise ValueError("randomisation study needs at least one input and one method")
+    return pd.concat(frames, ignore_index=True)
+
+
 # ----------------------------------------------------------------------------- one case, all checks
 
 
 @dataclass
 class CaseResult:
-    """Maps and scores of one case: ``maps[method]`` is the ensemble map, ``rows`` the metrics."""
+    """Maps and scores of one input: ``maps[method]`` is the ensemble map, ``rows`` the metrics. ``sample_id``
+    names the input uniquely (a study has one crop per organ, so ``<case_id>_<structure>`` in notebook 05)."""
 
-    case_id: str
+    sample_id: str
     image: np.ndarray
     lesion: np.ndarray | None
     prob: float
@@ -425,13 +469,16 @@ def score_map(prob_fn: Callable[[Tensor], np.ndarray], x: Tensor, saliency: np.n
     return scores, pr
 
 
-def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray | None, case_id: str = "",
+def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray | None, sample_id: str = "",
                  methods: Iterable[str] = ("gradcam",), tolerance: float = 2.0, n_steps: int = 20,
                  baseline: str | float = "blur", seed: int = 0, per_fold: bool = True) -> CaseResult:
     """Maps of every method for one image ``(1, C, H, W)``, per fold model and averaged, each scored.
 
-    A ``random`` map is scored alongside as the baseline every method must beat. Rows carry ``fold``
-    (an int, or ``"ensemble"``); localisation columns are NaN when the case has no lesion in the input.
+    A ``random`` map is scored alongside as the baseline every method must beat, by its expected value rather
+    than one noisy draw: a uniform map whose ties are broken at random gives exactly the expected pointing-game
+    hit of a random peak, the lesion's area share as energy inside, and a random deletion order (its own seed per
+    fold). Its overlay shows one draw of noise. Rows carry ``fold`` (an int, or ``"ensemble"``); localisation
+    columns are NaN when the case has no lesion in the input.
     """
     ens_prob = ensemble_prob(explainers)
     p = float(ens_prob(x)[0])
@@ -441,26 +488,26 @@ def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray 
     rows: list[dict] = []
     for method in [*methods, "random"]:
         if method == "random":
-            per_model = np.stack([random_map(shape, seed + 7919 * (k + 1)) for k in range(len(explainers))])
-            mean = random_map(shape, seed)
+            maps[method] = random_map(shape, seed)
+            mean, per_model = np.ones(shape, np.float32), np.ones((len(explainers), *shape), np.float32)
         else:
             mean, per_model = ensemble_map(explainers, x, method)
-        maps[method] = mean
-        targets = [("ensemble", mean, ens_prob)]
+            maps[method] = mean
+        targets = [("ensemble", mean, ens_prob, seed)]
         if per_fold:
-            targets += [(k, per_model[k], explainers[k].prob) for k in range(len(explainers))]
-        for fold, sal, fn in targets:
-            scores, curve = score_map(fn, x, sal, lesion, tolerance, n_steps, baseline, seed)
-            rows.append({"case_id": case_id, "method": method, "fold": fold, "prob": p, **scores})
+            targets += [(k, per_model[k], explainers[k].prob, seed + 7919 * (k + 1)) for k in range(len(explainers))]
+        for fold, sal, fn, tie_seed in targets:
+            scores, curve = score_map(fn, x, sal, lesion, tolerance, n_steps, baseline, tie_seed)
+            rows.append({"sample_id": sample_id, "method": method, "fold": fold, "prob": p, **scores})
             if fold == "ensemble":
                 curves[method] = curve
-    return CaseResult(case_id, x[0].detach().cpu().numpy(), lesion, p, maps, rows, curves)
+    return CaseResult(sample_id, x[0].detach().cpu().numpy(), lesion, p, maps, rows, curves)
 
 
 def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence[np.ndarray | None],
-                  case_ids: Sequence[str], progress: bool = True, **kw) -> tuple[pd.DataFrame, list[CaseResult]]:
+                  sample_ids: Sequence[str], progress: bool = True, **kw) -> tuple[pd.DataFrame, list[CaseResult]]:
     """``explain_case`` over many images with a progress bar; returns (metrics table, per-case results)."""
-    results = [explain_case(explainers, xs[i:i + 1], lesions[i], str(case_ids[i]), **kw)
+    results = [explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw)
                for i in tqdm(range(len(xs)), desc="explain", disable=not progress)]
     table = pd.DataFrame([r for res in results for r in res.rows])
     return table, results
@@ -471,7 +518,7 @@ def summarise(table: pd.DataFrame, by: Sequence[str] = ("method", "fold")) -> pd
     scored / lesion-free / all-zero maps. NaNs (no lesion, zero map) are left out of the means."""
     t = table.assign(fold=table["fold"].astype(str))
     g = t.groupby(list(by), sort=False)
-    out = g.agg(n=("case_id", "size"), n_localised=("pointing", "count"), pointing=("pointing", "mean"),
+    out = g.agg(n=("sample_id", "size"), n_localised=("pointing", "count"), pointing=("pointing", "mean"),
                 energy_inside=("energy_inside", "mean"), deletion_auc=("deletion_auc", "mean"),
                 zero_maps=("zero_map", "sum"))
     return out.reset_index()
@@ -515,7 +562,7 @@ def save_overlay(path: str | Path, result: CaseResult, methods: Sequence[str] | 
     methods = list(methods or result.maps)
     fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.1), squeeze=False)
     for ax, m in zip(axes[0], methods, strict=True):
-        overlay(result.image, result.maps[m], result.lesion, f"{result.case_id} {m} p={result.prob:.2f}", ax=ax)
+        overlay(result.image, result.maps[m], result.lesion, f"{result.sample_id} {m} p={result.prob:.2f}", ax=ax)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -534,7 +581,7 @@ def gallery(groups: dict[str, Sequence[CaseResult]], method: str = "gradcam", nc
             ax = axes[r, c]
             if c < len(cases):
                 res = cases[c]
-                overlay(res.image, res.maps[method], res.lesion, f"{name} {res.case_id} p={res.prob:.2f}", ax=ax)
+                overlay(res.image, res.maps[method], res.lesion, f"{name} {res.sample_id} p={res.prob:.2f}", ax=ax)
             else:
                 ax.axis("off")
                 if c == 0:
@@ -550,9 +597,8 @@ def gallery(groups: dict[str, Sequence[CaseResult]], method: str = "gradcam", nc
 def fold_checkpoints(run_dir: str | Path, name: str) -> list[Path]:
     """``run_dir/kfold/<name>/fold<k>/best.pt`` in fold order (empty when stage 04 has not run)."""
     root = Path(run_dir) / "kfold" / name
-    found = sorted(root.glob("fold*/best.pt"), key=lambda p: int("".join(ch for ch in p.parent.name if ch.isdigit())
-                                                                 or -1))
-    return found
+    found = [p for p in root.glob("fold*/best.pt") if p.parent.name.removeprefix("fold").isdigit()]
+    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("fold")))
 
 
 def load_ensemble(paths: Sequence[str | Path], device: str = "cpu") -> tuple[list[nn.Module], dict]:
@@ -639,8 +685,8 @@ def pick_cases(groups: np.ndarray, n_cases: int, seed: int, order: Sequence[str]
 
 @dataclass
 class Cases:
-    """Inputs the ensemble is explained on: ``x`` (N, C, H, W), a table (``case_id``, ``truth``, ``prob``,
-    ``outcome``, ...) and 2D lesion masks (None where unknown), all row-aligned."""
+    """Inputs the ensemble is explained on: ``x`` (N, C, H, W), a table (``sample_id`` = study + structure,
+    ``case_id``, ``truth``, ``prob``, ``outcome``, ...) and 2D lesion masks (None where unknown), all row-aligned."""
 
     x: Tensor
     table: pd.DataFrame
@@ -652,7 +698,8 @@ class Cases:
 
 
 def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explainer], profile: str, seed: int,
-                    threshold: float = 0.5, crops_dir: str | Path | None = None) -> Cases:
+                    threshold: float = 0.5, crops_dir: str | Path | None = None, crop_mode: str | None = "bbox"
+                    ) -> Cases:
     """Crops of the synthetic cohort as the models saw them, with ground-truth labels and lesion masks.
 
     Inputs are rebuilt from the checkpoint's ``preprocessing`` by ``datasets.crop_dataset`` (the training
@@ -668,27 +715,32 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
 
         crop.ensure_crops(run_dir, profile, seed)
     truth = datasets.load_labels("truth", cohort_dir=synth.ensure_cohort(profile, seed))
-    cols = list(prep.get("label_cols") or meta.get("label_names") or [])
+    cols = prep.get("label_cols") or list(meta.get("label_names") or [])
+    cols = cols if isinstance(cols, str) else list(cols)  # a "{organ}_abnormal" template stays a string
     ds = datasets.crop_dataset(crops_dir, truth, cols, organ=prep.get("organ"), task=meta["task"],
                                kind=prep.get("kind", "slab"), n_slices=int(prep.get("n_slices", 8)),
-                               size=int(prep.get("size", 64)), mask_mode=prep.get("mask_mode", "none"))
+                               size=int(prep.get("size", 64)), mask_mode=prep.get("mask_mode", "none"),
+                               uncertain=prep.get("uncertain", "ignore"), mode=crop_mode)
     k = explainers[0].class_idx
     y = ds.y.numpy()
     truth_k = (y == k) if meta["task"] == "multiclass" else y.reshape(len(y), -1)[:, k]
     prob = np.concatenate([ensemble_prob(explainers)(ds.x[i:i + 64]) for i in range(0, len(ds.x), 64)])
     table = ds.table.assign(truth=truth_k.astype(int), prob=prob, outcome=outcomes(truth_k, prob, threshold))
+    sample = table["case_id"].astype(str) + "_" + table["structure"].astype(str)
+    dup = sample.groupby(sample).cumcount()
+    table.insert(0, "sample_id", sample.where(dup == 0, sample + "_" + dup.astype(str)))
     lesions = crop_lesions(crops_dir, table, prep)
     table["lesion_pixels"] = [int(les.sum()) if les is not None else 0 for les in lesions]
     return Cases(ds.x, table, lesions)
 
 
 def curves_frame(results: Sequence[CaseResult]) -> pd.DataFrame:
-    """Long table of the ensemble deletion curves: case_id, method, fraction deleted, probability."""
+    """Long table of the ensemble deletion curves: sample_id, method, fraction deleted, probability."""
     rows = []
     for r in results:
         for method, probs in r.curves.items():
             fr = np.linspace(0.0, 1.0, len(probs))
-            rows += [{"case_id": r.case_id, "method": method, "fraction": f, "prob": p}
+            rows += [{"sample_id": r.sample_id, "method": method, "fraction": f, "prob": p}
                      for f, p in zip(fr, probs, strict=True)]
     return pd.DataFrame(rows)
 
@@ -704,12 +756,16 @@ def gains(summary: pd.DataFrame, method: str = "gradcam", fold: str = "ensemble"
 
 def find_checkpoints(run_dir: str | Path, kfold_name: str | None = None,
                      checkpoints: Sequence[str | Path] | None = None, profile: str = "smoke",
-                     seed: int = 0) -> tuple[list[Path], str]:
+                     seed: int = 0, folds: Sequence[int] | None = None) -> tuple[list[Path], str]:
     """Fold checkpoints to explain and the k-fold run's name.
 
-    Explicit ``checkpoints`` win; else ``run_dir/kfold/<kfold_name>/fold*/best.pt`` (the only or first name
-    when None). When stage 04 has not run in ``run_dir``, its idempotent entry point trains the folds.
+    Explicit ``checkpoints`` win; else ``run_dir/kfold/<kfold_name>/fold*/best.pt`` of a finished run (the
+    stage's default name, or the only/first finished one, when None). When stage 04 has not finished in
+    ``run_dir``, its idempotent entry point ``lib.kfold.ensure_kfold`` trains (or resumes) the folds with
+    notebook 04's parameters for ``profile``. A finished run is never retrained here, whatever its parameters.
+    ``folds`` keeps only those fold numbers (e.g. ``[0, 1]`` for a quick look at a 5-fold ensemble).
     """
+    from lib import kfold
     from lib.io import DataError
 
     if checkpoints:
@@ -717,21 +773,41 @@ def find_checkpoints(run_dir: str | Path, kfold_name: str | None = None,
         return paths, kfold_name or paths[0].parent.parent.name
     root = Path(run_dir) / "kfold"
 
-    def existing() -> list[str]:
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("fold*/best.pt"))) \
-            if root.exists() else []
+    def finished() -> list[str]:  # metrics.json is written after the last fold
+        return sorted(p.name for p in root.iterdir() if (p / "metrics.json").exists() and any(p.glob("fold*/best.pt"))
+                      ) if root.exists() else []
 
-    names = existing()
-    if kfold_name not in names and not (kfold_name is None and names):
-        from lib import kfold
-
-        ensure = getattr(kfold, "ensure_kfold", None)
-        if ensure is None:
-            raise DataError(root, "no fold checkpoints; run notebook 04 (k-fold) first")
-        ensure(run_dir=run_dir, profile=profile, seed=seed, **({"name": kfold_name} if kfold_name else {}))
-        names = existing()
-    name = kfold_name or (names[0] if names else None)
-    paths = fold_checkpoints(run_dir, name) if name else []
+    names = finished()
+    name = kfold_name or (kfold.STAGE_NAME if kfold.STAGE_NAME in names or not names else names[0])
+    if name not in names:
+        kfold.ensure_kfold(run_dir, profile, seed, name=name)
+    paths = fold_checkpoints(run_dir, name)
+    if folds is not None:
+        want = {int(k) for k in folds}
+        paths = [p for p in paths if int(p.parent.name.removeprefix("fold")) in want]
     if not paths:
-        raise DataError(root / str(name), "no fold checkpoints fold*/best.pt")
+        raise DataError(root / name, f"no fold checkpoints fold*/best.pt (folds {folds})")
     return paths, name
+
+
+def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: pd.DataFrame | None = None,
+                       methods: Sequence[str] = METHODS) -> dict:
+    """Ensemble scores per method, gains over the random map and the final randomisation correlations as JSON,
+    so ``lib.pipeline.merge_metrics`` puts stage 05 in the run's ``metrics.json`` beside the other stages."""
+    import json
+
+    ens = summary[summary["fold"].astype(str) == "ensemble"].set_index("method")
+    cols = ["n", "n_localised", "pointing", "energy_inside", "deletion_auc", "zero_maps"]
+    out: dict = {"ensemble": {m: {c: _num(ens.loc[m, c]) for c in cols} for m in ens.index}}
+    out["vs_random"] = {m: gains(summary, m) for m in methods if m in ens.index and "random" in ens.index}
+    if randomisation is not None and len(randomisation):
+        last = randomisation.sort_values("step").groupby(["sample_id", "method"]).tail(1)
+        out["randomised_spearman"] = {m: _num(g["spearman"].mean()) for m, g in last.groupby("method")}
+    Path(path).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _num(v: object) -> float | None:
+    """JSON-safe number: NaN -> None (a score that could not be computed, e.g. no localised case)."""
+    v = float(v)
+    return v if np.isfinite(v) else None

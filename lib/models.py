@@ -32,13 +32,36 @@ def create_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int 
     """Any timm classifier by name, with the input channels and outputs set from the data.
 
     ``pretrained=True`` asks the hub for weights (needs network); timm adapts the first conv to ``in_chans``.
+    ``monai:<net>`` (e.g. ``monai:resnet10``, ``monai:DenseNet121``) builds a MONAI network instead, 3D by
+    default (``spatial_dims`` keyword), for the ``3d`` crop input ``(1, D, H, W)``; those have no pretrained weights.
     """
+    if name.startswith("monai:"):
+        if pretrained:
+            raise ValueError(f"{name}: pretrained weights are only available for timm models")
+        return _monai_model(name.split(":", 1)[1], in_chans, num_classes, **kw)
     import timm
 
     try:
         return timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes, **kw)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ValueError(f"unknown timm model {name!r}: {exc}") from exc
+
+
+def _monai_model(name: str, in_chans: int, num_classes: int, spatial_dims: int = 3, **kw: Any) -> nn.Module:
+    """A ``monai.networks.nets`` classifier; MONAI's constructors name channels/outputs in two ways."""
+    import inspect
+
+    from monai.networks import nets
+
+    build = getattr(nets, name, None)
+    if build is None or not callable(build):
+        raise ValueError(f"unknown MONAI network {name!r}")
+    params = inspect.signature(build).parameters
+    if "in_channels" in params and "out_channels" in params:  # DenseNet and similar
+        args = {"in_channels": in_chans, "out_channels": num_classes}
+    else:  # ResNet family (resnet10(**kwargs) -> ResNet(n_input_channels, num_classes))
+        args = {"n_input_channels": in_chans, "num_classes": num_classes}
+    return build(spatial_dims=spatial_dims, **args, **kw)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

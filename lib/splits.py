@@ -155,6 +155,27 @@ def check_leakage(folds: pd.Series, groups: pd.Series | pd.DataFrame, max_listed
         raise LeakageError(f"{len(crossing)} group(s) cross folds: {listed}{more}", crossing)
 
 
+def crossing_groups(folds: pd.Series | np.ndarray, groups: pd.Series | pd.DataFrame) -> int:
+    """How many groups sit in more than one fold (0 = no leak); ``check_leakage`` without the exception."""
+    try:
+        check_leakage(pd.Series(np.asarray(folds)), groups)
+    except LeakageError as exc:
+        return len(exc.crossing)
+    return 0
+
+
+def naive_folds(labels: pd.Series | np.ndarray, n_splits: int = 5, seed: int = config.DEFAULT_SEED) -> pd.Series:
+    """Row-level ``StratifiedKFold`` (what a tutorial does, ignoring groups): the baseline that leaks copies."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = pd.Series(np.asarray(labels)).astype(str).to_numpy()
+    fold = np.zeros(len(y), dtype=int)
+    cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed % 2**32)
+    for k, (_, test) in enumerate(cv.split(np.zeros(len(y)), y)):
+        fold[test] = k
+    return pd.Series(fold, name="fold")
+
+
 def check_split_disjoint(train_df: pd.DataFrame, val_df: pd.DataFrame, group_col: str = "group",
                          max_listed: int = 10) -> None:
     """Raise ``LeakageError`` if any group has rows in both the training and the validation table."""

@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = True
     progress: bool = True
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (set 1 on an oversubscribed machine)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adam", "sgd"):
@@ -180,6 +181,16 @@ def _distributed_loader(loader: DataLoader, shuffle: bool, seed: int) -> DataLoa
                       worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers)
 
 
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats) after an epoch.
+
+    Why: DDP broadcasts buffers *before* each forward, so after the last batch every rank holds its own
+    running stats; validation on each rank and rank 0's checkpoint must use the same ones.
+    """
+    for buf in unwrap(model).buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 def _gather_in_order(t: Tensor, n_total: int) -> Tensor:
     """All ranks' validation outputs in dataset order (undoes DistributedSampler's interleave and padding)."""
     parts: list[Tensor] = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -190,6 +201,22 @@ def _gather_in_order(t: Tensor, n_total: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- loop helpers
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: each loader worker re-seeds its copy of the augmentation from its own torch seed.
+
+    Why: workers receive a copy of the dataset, so without this every worker would replay the same draws.
+    The worker seed derives from the main process RNG, which ``fit`` re-seeds per epoch, so runs stay exact.
+    """
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "set_random_state"):
+        info.dataset.set_random_state(seed)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -328,6 +355,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     On return the model holds the best weights.
     """
     out_dir = Path(out_dir)
+    for what, loader in (("training", train_loader), ("validation", val_loader)):
+        if len(loader.dataset) == 0:
+            raise ValueError(f"empty {what} set: nothing to train on (did filtering remove every sample?)")
     dev = config.device(cfg.device)
     rank, local_rank, world = dist_env()
     if dev.type == "cuda" and world > 1:
@@ -340,6 +370,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     config.seed_everything(cfg.seed)
     model.to(dev)
     if channels_last:
@@ -383,6 +415,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         lr = opt.param_groups[0]["lr"]
         train_loss = _run_epoch(net, train_loader, loss_fn, opt, scaler, dev, cfg, use_amp, channels_last, show,
                                 f"epoch {epoch + 1}")
+        if world > 1:
+            _sync_buffers(net)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{out_dir}: training loss is {train_loss} in epoch {epoch + 1} "
+                                     f"(lower lr={cfg.lr}, set grad_clip, or check the inputs for extreme values)")
         metrics = _validate(unwrap(net), val_loader, loss_fn, evaluate_fn, dev, channels_last, show)
         monitored = metrics.get(cfg.monitor)
         if monitored is None:
@@ -442,3 +479,82 @@ def plot_curves(log: pd.DataFrame, path: str | Path | None = None, metrics: list
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig
+
+
+# ----------------------------------------------------------------------------- classifiers on a CachedDataset
+
+
+def loss_for(ds, idx: np.ndarray, uncertain: str = "ignore") -> Callable[[Tensor, Tensor], Tensor]:
+    """The task's loss with imbalance weights computed from the training rows ``idx`` only (no peeking at val)."""
+    y = ds.y[np.asarray(idx, dtype=int)].numpy()
+    if ds.task == "multiclass":
+        return make_loss("multiclass", class_weights(y, len(ds.label_names)))
+    return make_loss(ds.task, positive_weights(y, uncertain), uncertain)
+
+
+def make_loaders(ds, tr_idx: np.ndarray, va_idx: np.ndarray, batch_size: int = 32, augment: str | None = "light",
+                 seed: int = config.DEFAULT_SEED, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Training loader (shuffled, MONAI augmentation) and validation loader (in order, no augmentation)."""
+    from lib.datasets import make_augment
+
+    aug = make_augment(augment, spatial_dims=ds.x.ndim - 2, seed=seed)
+    kw = {"num_workers": num_workers, "worker_init_fn": seed_worker if num_workers else None,
+          "persistent_workers": False}
+    tr = DataLoader(ds.subset(tr_idx, aug), batch_size=batch_size, shuffle=True,
+                    drop_last=len(tr_idx) % batch_size == 1, **kw)  # a batch of one breaks BatchNorm
+    va = DataLoader(ds.subset(va_idx), batch_size=max(batch_size, 64), **kw)
+    return tr, va
+
+
+def train_classifier(ds, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir: str | Path, cfg: TrainConfig,
+                     model_name: str | None = None, augment: str | None = "light", batch_size: int = 32,
+                     uncertain: str = "ignore", pretrained: bool = False, model_kwargs: dict | None = None,
+                     num_workers: int = 0) -> tuple[nn.Module, pd.DataFrame]:
+    """One classifier on rows ``tr_idx`` of a ``CachedDataset``, validated on ``va_idx``, through ``fit``.
+
+    The model (timm name, ``in_chans``/outputs from the data) and the checkpoint recipe come from the dataset,
+    so ``lib.models.load_checkpoint`` rebuilds it alone. Returns the model with its best weights and the log.
+    """
+    from lib import models
+
+    tr_idx, va_idx = np.asarray(tr_idx, dtype=int), np.asarray(va_idx, dtype=int)
+    if not len(tr_idx) or not len(va_idx):
+        raise ValueError(f"empty split: {len(tr_idx)} training and {len(va_idx)} validation rows")
+    model_name = model_name or models.DEFAULT_MODEL
+    config.seed_everything(cfg.seed)
+    model = models.create_model(model_name, ds.in_chans, ds.num_classes, pretrained=pretrained, **(model_kwargs or {}))
+    meta = models.checkpoint_meta(model_name, ds.in_chans, ds.num_classes, ds.task, ds.label_names,
+                                  ds.preprocessing, **(model_kwargs or {}))
+    tr, va = make_loaders(ds, tr_idx, va_idx, batch_size, augment, cfg.seed, num_workers)
+    evaluate = classification_metrics(ds.task, ds.label_names, uncertain)
+    log = fit(model, tr, va, loss_for(ds, tr_idx, uncertain), evaluate, cfg, out_dir, meta)
+    return model, log
+
+
+def predict_rows(model: nn.Module, ds, idx: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of the rows ``idx`` of a ``CachedDataset`` (all rows by default), no augmentation."""
+    x = ds.x if idx is None else ds.x[np.asarray(idx, dtype=int)]
+    logits, _ = predict_logits(model, torch.split(x, batch_size), next(model.parameters()).device)
+    return probabilities(logits, ds.task).numpy()
+
+
+def evaluate_rows(model: nn.Module, ds, idx: np.ndarray, eval_cols: dict[str, str | list[str] | None] | None = None,
+                  uncertain: str = "ignore", batch_size: int = 64) -> pd.DataFrame:
+    """Validation scores (``classification_metrics``) of ``model`` on rows ``idx``, one row per label source.
+
+    ``eval_cols`` maps a name to table column(s) holding other labels for the same rows (e.g. ``truth`` on the
+    synthetic cohort, or ``truth_<label>`` columns for multi-label, while the model learnt from report labels);
+    ``None`` = the training targets.
+    """
+    idx = np.asarray(idx, dtype=int)
+    logits, _ = predict_logits(model, torch.split(ds.x[idx], batch_size), next(model.parameters()).device)
+    score = classification_metrics(ds.task, ds.label_names, uncertain)
+    rows = []
+    for name, col in (eval_cols or {"train_labels": None}).items():
+        if col is None:
+            y = ds.y[idx]
+        else:
+            y = torch.as_tensor(ds.table[col if isinstance(col, str) else list(col)].to_numpy(dtype=float)[idx])
+            y = y.long() if ds.task == "multiclass" else y.float().reshape(len(idx), -1)
+        rows.append({"labels": name, "n": len(idx), **score(logits, y)})
+    return pd.DataFrame(rows).set_index("labels")

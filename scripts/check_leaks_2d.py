@@ -10,10 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from sklearn.model_selection import StratifiedKFold
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import config, splits  # noqa: E402
@@ -21,24 +17,6 @@ from lib.io import SkippedCases  # noqa: E402
 
 SETS = {"brain-mri-tumor": ("brain-mri-tumor",),
         "cxr-covid-3class": ("cxr-covid-3class", "Covid19-dataset")}
-
-
-def naive_folds(table: pd.DataFrame, n_splits: int, seed: int) -> pd.Series:
-    """Row-level stratified folds (what a tutorial does): copies of one image may land in two folds."""
-    fold = np.zeros(len(table), dtype=int)
-    cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(cv.split(table, table["label"])):
-        fold[test] = k
-    return pd.Series(fold, index=table.index)
-
-
-def leaks(folds: pd.Series, groups: pd.Series) -> int:
-    """Number of groups crossing folds (0 = clean)."""
-    try:
-        splits.check_leakage(folds, groups)
-    except splits.LeakageError as exc:
-        return len(exc.crossing)
-    return 0
 
 
 def check(name: str, parts: tuple[str, ...], threshold: int, n_splits: int, seed: int, show: bool) -> bool:
@@ -63,11 +41,11 @@ def check(name: str, parts: tuple[str, ...], threshold: int, n_splits: int, seed
               f"near {int((by_split > 1).sum())}")
     if show:
         print(splits.duplicate_report(table).to_string(index=False, max_colwidth=100))
-    naive = naive_folds(table, n_splits, seed)
+    naive = splits.naive_folds(table["label"], n_splits, seed)
     grouped = splits.group_kfold(table, n_splits, "group", "label", seed)
-    n_naive, n_grouped = leaks(naive, table["group"]), leaks(grouped, table["group"])
+    n_naive, n_grouped = splits.crossing_groups(naive, table["group"]), splits.crossing_groups(grouped, table["group"])
     print(f"naive StratifiedKFold({n_splits}): {n_naive} duplicate groups cross folds "
-          f"({leaks(naive, table['exact_group'])} exact) -> LEAKS")
+          f"({splits.crossing_groups(naive, table['exact_group'])} exact) -> LEAKS")
     print(f"grouped StratifiedGroupKFold({n_splits}): {n_grouped} groups cross folds -> "
           f"{'no leak' if n_grouped == 0 else 'LEAKS'}")
     print(splits.fold_table(table, grouped, "label", "group").to_string())

@@ -156,6 +156,7 @@ def test_25d_stacks_repeat_edge_slices():
     np.testing.assert_allclose(z_values[-1], [300, 400, 400])  # last slice: above is clamped
     arrays = crop.to_sample(c, (500, 1000))
     assert arrays["stack"].shape == (5, 3, 4, 4) and arrays["image"].shape == (5, 4, 4)
+    assert arrays["stack"].dtype == arrays["image"].dtype == np.float32
     np.testing.assert_array_equal(arrays["image"], arrays["stack"][:, 1])
 
 
@@ -349,3 +350,122 @@ def test_real_totalsegmentator_example(tmp_path):
     assert liver.voxels == 38634  # matches the count in ../shared/data/README.md
     seg = nib.load(by_id.loc["example_ct_sm", "mask"])
     assert crop.overlay_check(crop.load_crop(tmp_path, liver.path), np.asanyarray(seg.dataobj) == 5, seg.affine) == 1.0
+
+
+# ----------------------------------------------------------------------------- added with notebook 02
+
+
+def test_overlay_check_detects_a_misplaced_crop():
+    """The world-coordinate check is not vacuous: a crop whose affine is off by one voxel fails it."""
+    mask = _box_mask()
+    c = crop.crop_volume(_img(_ramp()), mask, crop.CropParams(fmt="nifti", margin_mm=4.0))
+    good = {"image": c.image, "mask": c.mask, "affine": c.affine}
+    assert crop.overlay_check(good, mask, AFFINE) == 1.0
+    shifted = c.affine @ np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    assert crop.overlay_check({**good, "affine": shifted}, mask, AFFINE) < 0.99
+
+
+def test_resampling_to_target_spacing_and_window_presets():
+    c = crop.crop_volume(_img(_ramp()), _box_mask(), crop.CropParams(fmt="nifti", spacing=(1.0, 1.5, 2.0)))
+    np.testing.assert_allclose(crop.voxel_sizes(c.affine), [1.0, 1.5, 2.0], atol=1e-9)
+    hu = np.array([-45.0, 30.0, 105.0, 500.0])  # liver preset: level 30, width 150
+    s = crop.to_sample(crop.Crop(hu.reshape(1, 1, 4), np.zeros((1, 1, 4), np.uint8), None, np.eye(4),
+                                 np.ones(3)), "liver")
+    np.testing.assert_allclose(s["image"].ravel(), [0.0, 0.5, 1.0, 1.0])
+    assert crop.window_of("bone") == (400.0, 1800.0) and crop.window_of((50, 350)) == (50.0, 350.0)
+    with pytest.raises(ValueError, match="abdomen"):
+        crop.CropParams(window="lungs").validate()
+
+
+def _tree(folder: Path) -> dict:
+    """Every file under a folder with its content digest and mtime (to prove nothing was written there)."""
+    import hashlib
+
+    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_raw_inputs_are_never_written(tmp_path):
+    """Cropping (good and bad cases, every mode, NIfTI and npz) leaves the input folder byte-identical."""
+    d = tmp_path / "raw"
+    img = _save(_ramp().astype(np.int16), d / "a.nii.gz")
+    seg = _save(_labels(), d / "a_seg.nii.gz")
+    bad = d / "b.nii.gz"
+    bad.write_bytes(gzip.compress(nib.Nifti1Image(_ramp(), AFFINE).to_bytes())[:3000])
+    cases = pd.DataFrame([crop.case_row("a", img, seg, "multilabel", CMAP),
+                          crop.case_row("b", bad, seg, "multilabel", CMAP)])
+    before = _tree(d)
+    for mode in crop.MODES:
+        crop.crop_cohort(cases, ["liver", "spleen"], tmp_path / "out", mode=mode, progress=False)
+    crop.crop_cohort(cases, ["liver"], tmp_path / "out", fmt="nifti", progress=False)
+    assert _tree(d) == before
+
+
+def test_msd_layout_without_channel_suffix(tmp_path):
+    """Decathlon names images like labels (imagesTr/X.nii.gz): a name ending in _0001 is a case, not a channel."""
+    root = tmp_path / "Task03_Liver"
+    _save(_ramp().astype(np.int16), root / "imagesTr" / "liver_0001.nii.gz")
+    _save(_labels(), root / "labelsTr" / "liver_0001.nii.gz")
+    _save(_ramp().astype(np.int16), root / "imagesTr" / "._liver_0001.nii.gz")  # macOS junk
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "5": "liver"}}))
+    cases = crop.discover_cases(root)
+    assert cases.case_id.tolist() == ["liver_0001"] and cases["mask"][0].endswith("labelsTr/liver_0001.nii.gz")
+    index, skipped = crop.crop_cohort(cases, ["liver"], tmp_path / "c", progress=False)
+    assert skipped.empty and index.voxels.tolist() == [int(_box_mask().sum())]
+
+
+def test_open_cases_verify_overlay_and_sizes(tmp_path, smoke_cohort, monkeypatch):
+    cases, root = crop.open_cases(smoke_cohort)  # a folder path: layout detected
+    assert root == smoke_cohort and (cases.mask_kind == "multilabel").all()
+    cases = cases.head(2)
+    idx_npz, _ = crop.crop_cohort(cases, ["liver", "pancreas"], tmp_path, mode="25d", progress=False)
+    idx_nii, _ = crop.crop_cohort(cases, ["liver", "pancreas"], tmp_path, fmt="nifti", progress=False)
+    index = pd.concat([idx_npz, idx_nii], ignore_index=True)
+    checked = crop.verify_overlay(index, cases, tmp_path)
+    assert len(checked) == 8 and (checked.overlay == 1.0).all()
+    sizes = crop.crop_sizes(index).set_index(["kind", "case_id", "structure"])
+    nii = sizes.loc[("nifti 3D", cases.case_id[0], "liver")]
+    box = [tuple(map(int, ab.split(":"))) for ab in nii.bbox.split(",")]
+    sp = crop.voxel_sizes(nib.load(cases["image"][0]).affine)
+    box_mm = sorted((b - a) * s for (a, b), s in zip(box, sp, strict=True))  # source axis order may differ
+    assert sorted([nii.x_mm, nii.y_mm, nii.z_mm]) == pytest.approx(box_mm, rel=1e-3)
+    assert sizes.loc[("npz sample", cases.case_id[0], "liver")].z_mm == pytest.approx(nii.z_mm, rel=1e-3)
+    # relative dataset paths resolve against the repository when run from notebooks/
+    monkeypatch.chdir(crop.config.NOTEBOOKS)
+    assert crop.data_path("data/README.md") == (crop.config.ROOT / "data" / "README.md").resolve()
+
+
+def test_ensure_crops_writes_the_stage_contract(tmp_path):
+    """What notebook 03 calls when crops are missing: crops/index.csv + skipped_crop.csv in run_dir."""
+    index = crop.ensure_crops(tmp_path, "smoke", structures=["liver", "spleen"])
+    assert (tmp_path / "crops" / "index.csv").exists() and (tmp_path / "skipped_crop.csv").exists()
+    on_disk = crop.read_index(tmp_path / "crops")
+    assert list(on_disk.columns) == crop.INDEX_COLUMNS and len(on_disk) == len(index) > 0
+    assert set(on_disk["mode"]) == {"bbox"} and on_disk.path.str.endswith(".npz").all()
+    assert crop.ensure_crops(tmp_path, "smoke", structures=["liver", "spleen"]).attrs["computed"] == 0
+
+
+def test_singleton_4d_is_a_volume_but_a_series_is_refused(tmp_path):
+    d = tmp_path / "in"
+    seg = _save(_labels(), d / "seg.nii.gz")
+    one = _save(_ramp().astype(np.int16)[..., None], d / "one.nii.gz")  # (x, y, z, 1), as some converters write
+    two = _save(np.stack([_ramp()] * 2, -1).astype(np.int16), d / "two.nii.gz")
+    cases = pd.DataFrame([crop.case_row("one", one, seg, "multilabel", CMAP),
+                          crop.case_row("two", two, seg, "multilabel", CMAP)])
+    index, skipped = crop.crop_cohort(cases, ["liver"], tmp_path / "c", fmt="nifti", progress=False)
+    assert index.case_id.tolist() == ["one"] and index["shape"][0].count("x") == 2
+    assert skipped.case.tolist() == ["two"] and "one 3D volume" in skipped.reason[0] and "two" in skipped.file[0]
+
+
+@pytest.mark.parametrize("spacing,mm", [((0.8, 0.8, 2.5), 5.0), ((3.1, 3.1, 9.4), 5.0), ((1.0, 1.3, 0.7), 3.0),
+                                        ((0.7, 0.7, 1.0), 8.0)])
+def test_dilate_mm_ball_equals_distance_transform(spacing, mm):
+    """The fast run-length ball dilation and the exact distance transform select the same voxels."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    mask = rng.random((40, 36, 20)) > 0.995
+    mask[0, 5, 3] = True  # at the border
+    exact = ndimage.distance_transform_edt(~mask, sampling=spacing) <= mm
+    np.testing.assert_array_equal(crop.dilate_mm(mask, spacing, mm), exact)
+    assert crop.ball_mm(spacing, mm).sum() > 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from lib import explain
+from lib.io import DataError
 
 # ----------------------------------------------------------------------------- toy models and data
 
@@ -94,6 +96,20 @@ def test_pointing_tolerance_and_energy_share():
     sal[10, 10] = 1.0  # now half the energy is inside
     assert explain.energy_inside(sal, mask) == pytest.approx(0.5)
     assert explain.energy_inside(-sal, mask) != explain.energy_inside(-sal, mask)  # negative only -> NaN
+
+
+def test_pointing_ties_count_as_expected_hit():
+    """A flat-topped map (upsampled coarse Grad-CAM) scores the share of its tied maxima on the lesion, not
+    whichever tied pixel comes first in memory."""
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[6:, 6:] = 1
+    flat = np.zeros((8, 8))
+    flat[0, 0] = flat[7, 7] = 1.0  # two equal peaks, one on the lesion
+    assert explain.pointing_game(flat, mask, tolerance=0) == 0.5
+    with pytest.raises(ValueError, match="differs"):
+        explain.pointing_game(np.ones((4, 4)), mask)
+    with pytest.raises(ValueError, match="differs"):
+        explain.energy_inside(np.ones((4, 4)), mask)
 
 
 def test_zero_map_and_missing_lesion_are_nan_not_errors():
@@ -189,7 +205,7 @@ def test_occlusion_rejects_broken_modes():
 def test_family_layers_and_override():
     import timm
 
-    x = torch.rand(1, 3, 64, 64)
+    x = torch.rand(1, 3, 128, 128)  # 4 x 4 at the last stage: the family default is fine enough
     expected = {"resnet10t": "layer4", "efficientnet_b0": "bn2", "convnext_atto": "stages.3"}
     for name, layer in expected.items():
         model = timm.create_model(name, pretrained=False, in_chans=3, num_classes=1).eval()
@@ -197,6 +213,21 @@ def test_family_layers_and_override():
     assert explain.find_target_layer(model, x, "stages.2") == "stages.2"
     with pytest.raises(ValueError, match="candidate layers"):
         explain.find_target_layer(model, x, "head.fc")
+
+
+def test_small_input_steps_back_to_a_finer_stage():
+    """At 64 px the last stage is 2 x 2 (a map that can only point at a quadrant): the pick steps back along
+    timm's feature stages, for 2.5D inputs (8 slices as channels) too; min_map_size=1 keeps the family layer."""
+    import timm
+
+    x = torch.rand(1, 8, 64, 64)
+    expected = {"resnet10t": "layer3", "efficientnet_b0": "blocks.4", "convnext_atto": "stages.2"}
+    for name, layer in expected.items():
+        model = timm.create_model(name, pretrained=False, in_chans=8, num_classes=1).eval()
+        assert explain.find_target_layer(model, x) == layer, name
+        e = explain.Explainer(model)
+        assert e.map(x, "gradcam").shape == (1, 64, 64)
+    assert explain.find_target_layer(model, x, min_map_size=1) == "stages.3"
 
 
 def test_generic_model_picks_last_conv_stage(trained):
@@ -239,6 +270,45 @@ def test_randomisation_check_detects_change(trained):
     assert (res["spearman"].fillna(0)[1:] < 0.95).any()
     # the explainer's own model is untouched
     assert explain.Explainer(model).map(xt[i:i + 1])[0].max() > 0
+
+
+def test_randomisation_study_skips_zero_maps(trained):
+    """A zero trained map has no ranks to lose; the study takes the next input so the check is not vacuous."""
+    model, xt, yt, _ = trained
+    e = explain.Explainer(model)
+    xs = torch.cat([torch.zeros(1, 1, 32, 32), xt[yt == 1][:2]])  # a blank image first: Grad-CAM of it is zero
+    assert explain.is_zero_map(e.map(xs[:1])[0])
+    res = explain.randomisation_study(e, xs, ["blank", "a", "b"], ["gradcam"], n_cases=1, n_steps=3, seed=0)
+    assert set(res["sample_id"]) == {"a"} and list(res["step"]) == [0, 1, 2, 3]
+    assert not res["zero_map"].iloc[0] and res["spearman"].iloc[-1] < 0.95
+
+
+def test_explain_case_without_lesion_skips_localisation(trained):
+    model, xt, yt, _ = trained
+    e = explain.Explainer(model)
+    res = explain.explain_case([e, e], xt[:1], None, "neg", methods=("gradcam", "occlusion"), n_steps=4)
+    t = pd.DataFrame(res.rows)
+    assert t["pointing"].isna().all() and t["energy_inside"].isna().all() and not t["has_lesion"].any()
+    assert np.isfinite(t["deletion_auc"]).all() and set(t["method"]) == {"gradcam", "occlusion", "random"}
+    s = explain.summarise(t)
+    assert (s["n_localised"] == 0).all() and s["pointing"].isna().all()
+
+
+def test_find_checkpoints_uses_finished_runs_and_selects_folds(tmp_path):
+    """A finished k-fold run is used as it is (never retrained here); ``folds`` keeps a subset, in fold order."""
+    root = tmp_path / "kfold" / "model"
+    for k in (0, 1, 10, 2):
+        (root / f"fold{k}").mkdir(parents=True)
+        (root / f"fold{k}" / "best.pt").write_bytes(b"x")
+    (root / "metrics.json").write_text("{}")
+    paths, name = explain.find_checkpoints(tmp_path)
+    assert name == "model" and [p.parent.name for p in paths] == ["fold0", "fold1", "fold2", "fold10"]
+    paths, _ = explain.find_checkpoints(tmp_path, folds=[2, 0])
+    assert [p.parent.name for p in paths] == ["fold0", "fold2"]
+    with pytest.raises(DataError, match="no fold checkpoints"):
+        explain.find_checkpoints(tmp_path, folds=[7])
+    with pytest.raises(DataError, match="no fold checkpoints"):
+        explain.load_ensemble([])
 
 
 def test_overlay_png_and_gallery(trained, tmp_path):

@@ -182,3 +182,13 @@ def test_grouped_split_has_no_leak_naive_split_does(brain: pd.DataFrame) -> None
         splits.check_leakage(pd.Series(naive), brain["group"])
     folds = splits.group_kfold(brain, 5, "group", "label", seed=0)
     splits.check_leakage(folds, brain[["group", "exact_group"]])
+
+
+def test_crossing_groups_counts_naive_leak_and_grouped_split_has_none() -> None:
+    df = _table(n_groups=40, seed=3)
+    naive = splits.naive_folds(df["label"], 4, seed=1)
+    assert len(naive) == len(df) and set(naive) == {0, 1, 2, 3}
+    grouped = splits.group_kfold(df, 4, "patient", "label", seed=1)
+    assert splits.crossing_groups(grouped, df["patient"]) == 0
+    per_patient = pd.Series(naive.to_numpy()).groupby(df["patient"].to_numpy()).nunique()
+    assert splits.crossing_groups(naive, df["patient"]) == int((per_patient > 1).sum()) > 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -110,6 +111,19 @@ def test_early_stopping_and_bad_monitor(tmp_path: Path) -> None:
         run(tmp_path / "bad", epochs=1, monitor="nope")
 
 
+def test_empty_data_and_diverging_loss_are_clear_errors(tmp_path: Path) -> None:
+    model = small_cnn()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 2, 12, 12), torch.zeros(0, 1)), batch_size=4)
+    cfg = train.TrainConfig(epochs=1, progress=False)
+    meta = models.checkpoint_meta("small_cnn", 2, 1, "binary")
+    with pytest.raises(ValueError, match="empty training set"):
+        train.fit(model, empty, empty, train.make_loss("binary"), train.classification_metrics("binary"), cfg,
+                  tmp_path / "e", meta)
+    base = train.make_loss("binary")
+    with pytest.raises(FloatingPointError, match="training loss is nan in epoch 1"):
+        run(tmp_path / "nan", epochs=2, loss_fn=lambda logits, y: base(logits, y) * float("nan"))
+
+
 def test_load_checkpoint_rebuilds_timm_model(tmp_path: Path) -> None:
     model = models.create_model("resnet10t", in_chans=3, num_classes=2)
     meta = models.checkpoint_meta("resnet10t", 3, 2, "multiclass", ["a", "b"], {"kind": "2d", "size": 32})
@@ -126,12 +140,34 @@ def test_load_checkpoint_rebuilds_timm_model(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+    """2 CPU processes (gloo): each trains on half the data, weights stay in sync, validation is gathered whole."""
+    import json
+
+    sys.path.insert(0, str(config.ROOT / "scripts"))
+    import torchrun_smoke
+
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29531",
-                          str(config.ROOT / "scripts" / "torchrun_smoke.py"), "--out", str(tmp_path), "--epochs", "2"],
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                          str(config.ROOT / "scripts" / "torchrun_smoke.py"), "--out", str(tmp_path), "--epochs", "2",
+                          "--n-train", "48", "--n-val", "21"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=config.ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "rank 1/2 done" in res.stdout and "rank 0/2 done" in res.stdout
-    ckpt = models.read_checkpoint(tmp_path / "best.pt")
-    assert ckpt["epoch"] >= 1 and (tmp_path / "log.csv").exists()
+    reports = sorted((json.loads(line[4:]) for line in res.stdout.splitlines() if line.startswith("DDP ")),
+                     key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"]) for r in reports] == [(0, 2), (1, 2)], res.stdout
+    r0, r1 = reports
+    assert r0["train_reads"] == r1["train_reads"] == 48  # 2 epochs x 24: each rank trained on its half
+    assert r0["n_val"] == [21, 21]  # every validation sample scored once (sampler padding removed)
+    assert r0["checksums"] == r1["checksums"]  # DDP kept weights and (synced) BatchNorm buffers identical
+    assert r0["auc"] == r1["auc"] and r0["val_loss"] == r1["val_loss"]
+
+    # rank 0's best.pt, scored in this single process, reproduces the distributed validation of its epoch
+    model, meta = models.load_checkpoint(tmp_path / "best.pt", builder=lambda *a, **k: torchrun_smoke.tiny_cnn())
+    val = DataLoader(torchrun_smoke.toy_data(21, seed=2), batch_size=8)
+    logits, targets = train.predict_logits(model, val)
+    best = meta["epoch"] - 1
+    assert train.classification_metrics("binary")(logits, targets)["auc"] == pytest.approx(r0["auc"][best], abs=1e-5)
+    assert float(train.make_loss("binary")(logits, targets)) == pytest.approx(r0["val_loss"][best], abs=1e-5)
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert len(log) == 2 and log["best"].any()
