@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib import config, metrics, models, splits, train
-from lib.datasets import CachedDataset, make_augment
+from lib.datasets import CachedDataset
 from lib.io import DataError, SkippedCases
 
 
@@ -81,13 +81,6 @@ def assign_folds(ds: CachedDataset, group_col: str, n_splits: int = 5, test_frac
     return folds
 
 
-def _loss_for(ds: CachedDataset, idx: np.ndarray, uncertain: str) -> train.Callable:
-    y = ds.y[idx].numpy()
-    if ds.task == "multiclass":
-        return train.make_loss("multiclass", train.class_weights(y, len(ds.label_names)))
-    return train.make_loss(ds.task, train.positive_weights(y, uncertain), uncertain)
-
-
 def predict_probs(model: torch.nn.Module, x: torch.Tensor, task: str, batch_size: int = 64) -> np.ndarray:
     logits, _ = train.predict_logits(model, _only_x(DataLoader(TensorDataset(x), batch_size=batch_size)),
                                      next(model.parameters()).device)
@@ -126,31 +119,9 @@ def train_one(ds: CachedDataset, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir
               batch_size: int = 32, uncertain: str = "ignore", pretrained: bool = False,
               model_kwargs: dict | None = None,
               bn_momentum: float | None = None) -> tuple[torch.nn.Module, pd.DataFrame]:
-    """One model on rows ``tr_idx``, validated on ``va_idx`` (weights for imbalance from the training rows only).
-
-    Returns the model holding its best weights and the epoch log; ``out_dir`` gets best/last.pt and log.csv.
-    ``bn_momentum`` (e.g. 0.5) lets BatchNorm running statistics follow the weights on small sets: with a few
-    steps per epoch and the default 0.1 they lag behind, and eval-mode predictions collapse to one class
-    (measured on brain MRI, 64 px: fold-0 validation loss 1.5 vs 0.31, accuracy 0.61 vs 0.81 after 6 epochs).
-    Only training changes: the checkpoint holds the usual weights and running statistics.
-    """
-    if not len(tr_idx) or not len(va_idx):
-        raise ValueError(f"empty split: {len(tr_idx)} training and {len(va_idx)} validation rows")
-    config.seed_everything(cfg.seed)
-    model = models.create_model(model_name, ds.in_chans, ds.num_classes, pretrained=pretrained, **(model_kwargs or {}))
-    if bn_momentum is not None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.momentum = bn_momentum
-    meta = models.checkpoint_meta(model_name, ds.in_chans, ds.num_classes, ds.task, ds.label_names,
-                                  ds.preprocessing, **(model_kwargs or {}))
-    aug = make_augment(augment, spatial_dims=ds.x.ndim - 2, seed=cfg.seed)
-    tr = DataLoader(ds.subset(tr_idx, aug), batch_size=batch_size, shuffle=True,
-                    drop_last=len(tr_idx) % batch_size == 1)  # a batch of one breaks BatchNorm
-    va = DataLoader(ds.subset(va_idx), batch_size=max(batch_size, 64))
-    evaluate = train.classification_metrics(ds.task, ds.label_names, uncertain)
-    log = train.fit(model, tr, va, _loss_for(ds, tr_idx, uncertain), evaluate, cfg, out_dir, meta)
-    return model, log
+    """One fold's model: ``lib.train.train_classifier`` (weights for imbalance from the training rows only)."""
+    return train.train_classifier(ds, tr_idx, va_idx, out_dir, cfg, model_name, augment, batch_size, uncertain,
+                                  pretrained, model_kwargs, bn_momentum=bn_momentum)
 
 
 def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, model_name: str = models.DEFAULT_MODEL,

@@ -509,11 +509,15 @@ def make_loaders(ds, tr_idx: np.ndarray, va_idx: np.ndarray, batch_size: int = 3
 def train_classifier(ds, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir: str | Path, cfg: TrainConfig,
                      model_name: str | None = None, augment: str | None = "light", batch_size: int = 32,
                      uncertain: str = "ignore", pretrained: bool = False, model_kwargs: dict | None = None,
-                     num_workers: int = 0) -> tuple[nn.Module, pd.DataFrame]:
+                     num_workers: int = 0, bn_momentum: float | None = None) -> tuple[nn.Module, pd.DataFrame]:
     """One classifier on rows ``tr_idx`` of a ``CachedDataset``, validated on ``va_idx``, through ``fit``.
 
     The model (timm name, ``in_chans``/outputs from the data) and the checkpoint recipe come from the dataset,
     so ``lib.models.load_checkpoint`` rebuilds it alone. Returns the model with its best weights and the log.
+    ``bn_momentum`` (e.g. 0.5) lets BatchNorm running statistics follow the weights on small sets: with a few
+    steps per epoch and the default 0.1 they lag behind, and eval-mode predictions collapse to one class
+    (measured on brain MRI, 64 px: fold-0 validation loss 1.5 vs 0.31, accuracy 0.61 vs 0.81 after 6 epochs).
+    Only training changes: the checkpoint holds the usual weights and running statistics.
     """
     from lib import models
 
@@ -523,6 +527,10 @@ def train_classifier(ds, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir: str | 
     model_name = model_name or models.DEFAULT_MODEL
     config.seed_everything(cfg.seed)
     model = models.create_model(model_name, ds.in_chans, ds.num_classes, pretrained=pretrained, **(model_kwargs or {}))
+    if bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
     meta = models.checkpoint_meta(model_name, ds.in_chans, ds.num_classes, ds.task, ds.label_names,
                                   ds.preprocessing, **(model_kwargs or {}))
     tr, va = make_loaders(ds, tr_idx, va_idx, batch_size, augment, cfg.seed, num_workers)
