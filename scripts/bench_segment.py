@@ -8,7 +8,11 @@ call per image (preprocessing + network + mapping back), which is what ``POST /s
 weights: speed does not depend on training.
 
 Usage: .venv/bin/python scripts/bench_segment.py [--model fpn] [--encoder resnet18] [--size 128]
-       [--batch 16] [--steps 5] [--n 32] [--threads 1] [--denoise none]
+       [--batch 16] [--steps 5] [--n 32] [--threads 1] [--denoise none] [--patch 64]
+
+``--patch P`` also times the lesion-aware patch sampler (``SegDataset`` with ``patch_size=P``: MONAI
+``RandCropByPosNegLabeld`` + augmentation, patches/s) and a training step on ``P`` x ``P`` patch batches, which is
+what a ``patch_size`` run (the MS-lesion recipe) pays per step.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=32, help="images for the per-image inference timings")
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--denoise", default="none", choices=sg.DENOISERS, help="preprocessing filter in segment_array")
+    ap.add_argument("--patch", type=int, default=0, help="also time patch sampling + training on patches of this size")
     ap.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
     args = ap.parse_args(argv)
 
@@ -76,6 +81,19 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
 
     rows = [("train step (fwd+bwd+Adam)", rate(train_step, args.steps, len(xb)))]
+    if args.patch:
+        patches = sg.SegDataset(data, "light", args.seed, args.patch, 0.5, samples_per_epoch=1 << 30)
+        rows.append((f"patch sampler ({args.patch} px, pos_fraction 0.5)", rate(lambda i: patches[i], args.n)))
+        pairs = [patches[i] for i in range(args.batch)]
+        xp, yp = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+        def patch_step(_: int) -> None:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xp), yp).backward()
+            opt.step()
+
+        rows.append((f"train step on {args.patch} px patches", rate(patch_step, args.steps, len(xp))))
     model.eval()
     meta = sg.model_meta(sg.SegConfig(model=args.model, encoder=args.encoder), data)
     with tempfile.TemporaryDirectory() as tmp:

@@ -169,6 +169,49 @@ def test_denoisers_reduce_noise(method: str) -> None:
     assert out.shape == flat.shape and out.std() < 0.7 * flat.std()
 
 
+def _lesion_data(n: int = 8, size: int = 64) -> sg.SegData:
+    """Images with an in-field disc (image > 0) and, in every other image, a 2x2 lesion near a corner."""
+    x = torch.zeros(n, 1, size, size)
+    yy, xx = np.mgrid[:size, :size]
+    x[:, 0] = torch.as_tensor(((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 2 - 2) ** 2) * 0.5)
+    y = torch.zeros(n, 1, size, size)
+    y[::2, 0, 12:14, 12:14] = 1
+    table = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "group": [f"g{i // 2}" for i in range(n)]})
+    return sg.SegData(x, y, table, ["gray"], {})
+
+
+def test_patch_sampler_hits_lesions_at_requested_rate_and_is_deterministic() -> None:
+    data = _lesion_data()
+    for pos_fraction in (0.25, 0.75):
+        ds = sg.SegDataset(data, None, seed=3, patch_size=16, pos_fraction=pos_fraction, samples_per_epoch=400)
+        assert len(ds) == 400
+        items = [ds[i] for i in range(len(ds))]
+        assert all(x.shape == (1, 16, 16) and y.shape == (1, 16, 16) for x, y in items)
+        drawn = [ds.draw(i) for i in range(len(ds))]
+        positive = np.array([p for _, p, _ in drawn])
+        assert abs(positive.mean() - pos_fraction) < 0.07  # binomial sd 0.022 at n = 400
+        has_lesion = np.array([float(y.sum()) > 0 for _, y in items])
+        assert has_lesion[positive].all()  # a positive patch always contains lesion pixels
+        assert all(j % 2 == 0 for j, p, _ in drawn if p)  # ... and comes from an image that has a lesion
+        # negatives are centred on in-field background: a 2x2 lesion in a 16 px patch is rarely caught
+        assert has_lesion[~positive].mean() < 0.25
+        assert abs(has_lesion.mean() - pos_fraction) < 0.15
+    a = sg.SegDataset(data, "light", seed=5, patch_size=16, pos_fraction=0.5, samples_per_epoch=20)
+    b = sg.SegDataset(data, "light", seed=5, patch_size=16, pos_fraction=0.5, samples_per_epoch=20)
+    first = [a[i] for i in range(20)]
+    assert all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(first, [b[i] for i in range(20)],
+                                                                                     strict=True))
+    assert a.draw(7) == b.draw(7)  # item i does not depend on what came before
+    b.set_random_state(6)  # next epoch: other patches
+    assert [b.draw(i) for i in range(20)] != [a.draw(i) for i in range(20)]
+    whole = sg.SegDataset(data, None)  # default: whole images, as before
+    assert len(whole) == len(data) and torch.equal(whole[2][1], data.y[2])
+    with pytest.raises(ValueError, match="patch_size"):
+        sg.SegDataset(data, None, patch_size=128)
+    with pytest.raises(ValueError, match="pos_fraction"):
+        sg.SegDataset(data, None, patch_size=16, pos_fraction=1.5)
+
+
 def test_make_folds_keeps_patients_together() -> None:
     table = pd.DataFrame({"group": np.repeat(list("abcdef"), 3), "has_lesion": [1, 0, 1] * 6})
     folds = sg.make_folds(table, n_splits=3, seed=1)
@@ -281,6 +324,45 @@ def test_onnx_export_parity_and_session_inference(trained, tmp_path) -> None:
     (tmp_path / "bad.onnx").write_bytes(b"garbage")
     with pytest.raises(DataError, match="unreadable ONNX"):
         sg.load_segmenter(tmp_path / "bad.onnx")
+
+
+def _dicom_bytes(pixels: np.ndarray, spacing: tuple[float, float]) -> bytes:
+    """A minimal 16-bit greyscale DICOM (secondary capture) with a pixel spacing, written by pydicom."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *pixels.shape, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_segment_source_dicom_reports_mm2_from_pixel_spacing(trained) -> None:
+    root, trus, *_ = trained
+    model, _ = sg.load_segmenter(root / "run" / "fold0" / "best.pt")
+    img = np.asarray(Image.open(trus / "images" / "T0003_00.png"))
+    mask, area = sg.segment_source(model, _dicom_bytes(img, (0.5, 0.25)), name="upload.dcm")
+    expected, _ = sg.segment_array(model, img.astype(np.float32))
+    assert np.array_equal(mask, expected)
+    assert area == {"pixels": int(mask.sum()), "mm2": pytest.approx(mask.sum() * 0.125)}
+    # PNG states no spacing; a one-slice NIfTI states its zooms
+    assert sg.segment_source(model, (trus / "images" / "T0003_00.png").read_bytes())[1]["mm2"] is None
+    assert sg.pixel_spacing({"dicom": {"PixelSpacing": [0.7, 0.7]}}) == [0.7, 0.7]
+    assert sg.pixel_spacing({"spacing": [0.5, 0.5, 2.0]}) == [0.5, 0.5]
+    assert sg.pixel_spacing({"dicom": {"Modality": "US"}}) is None
+    assert sg.pixel_spacing({"dicom": {"PixelSpacing": ["0", "0"]}}) is None
 
 
 def test_resume_only_with_same_stamp(trained) -> None:
