@@ -427,6 +427,7 @@ STAGE_DEFAULTS: dict = {
     "channels": 1, "model_name": models.DEFAULT_MODEL, "pretrained": False, "n_splits": 3, "test_fraction": 0.2,
     "epochs": 1, "batch_size": 32, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine", "patience": 0,
     "augment": "light", "uncertain": "ignore", "threshold": 0.5, "n_boot": 200, "bn_momentum": 0.5,
+    "model_kwargs": {}, "ema_decay": 0.0,
 }
 
 
@@ -500,6 +501,7 @@ def build_stage_dataset(params: dict, run_dir: str | Path, profile: str, seed: i
 def train_config(params: dict, task: str, seed: int, progress: bool = False) -> train.TrainConfig:
     return train.TrainConfig(epochs=params["epochs"], lr=params["lr"], optimizer=params["optimizer"],
                              scheduler=params["scheduler"], patience=params["patience"],
+                             ema_decay=params["ema_decay"],
                              monitor="macro_f1" if task == "multiclass" else "auc", seed=seed, progress=progress)
 
 
@@ -534,7 +536,8 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
     cfg = train_config(params, ds.task, seed, progress)
     result = run_kfold(ds, out, cfg, params["model_name"], group_col, params["n_splits"], params["test_fraction"],
                        params["augment"], params["batch_size"], eval_col, params["uncertain"], params["pretrained"],
-                       params["threshold"], params["n_boot"], bn_momentum=params["bn_momentum"])
+                       params["threshold"], params["n_boot"], model_kwargs=params["model_kwargs"],
+                       bn_momentum=params["bn_momentum"])
     figures(result, ds.task, ds.label_names, params["threshold"])
     return out
 

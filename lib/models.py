@@ -24,7 +24,7 @@ DEFAULT_MODEL = "resnet10t"
 # Keys that make a checkpoint self-describing; everything else in the dict is training state.
 META_KEYS = ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing", "epoch", "metrics",
              "model_kwargs")
-TRAIN_STATE_KEYS = ("state_dict", "optimizer", "scheduler", "scaler", "rng", "train_state")
+TRAIN_STATE_KEYS = ("state_dict", "optimizer", "scheduler", "scaler", "rng", "train_state", "ema")
 
 
 def create_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int = 1, pretrained: bool = False,
@@ -32,9 +32,13 @@ def create_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int 
     """Any timm classifier by name, with the input channels and outputs set from the data.
 
     ``pretrained=True`` asks the hub for weights (needs network); timm adapts the first conv to ``in_chans``.
-    ``monai:<net>`` (e.g. ``monai:resnet10``, ``monai:DenseNet121``) builds a MONAI network instead, 3D by
+    ``mil:<timm name>`` (e.g. ``mil:resnet10t``) wraps the timm model as a :class:`SliceMIL` over the slices of a
+    ``slab``/``25d`` input (``in_chans`` = slices). ``monai:<net>`` (e.g. ``monai:resnet10``,
+    ``monai:DenseNet121``) builds a MONAI network instead, 3D by
     default (``spatial_dims`` keyword), for the ``3d`` crop input ``(1, D, H, W)``; those have no pretrained weights.
     """
+    if name.startswith("mil:"):
+        return SliceMIL(name.split(":", 1)[1], n_slices=in_chans, num_classes=num_classes, pretrained=pretrained, **kw)
     if name.startswith("monai:"):
         if pretrained:
             raise ValueError(f"{name}: pretrained weights are only available for timm models")
@@ -45,6 +49,38 @@ def create_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int 
         return timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes, **kw)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ValueError(f"unknown timm model {name!r}: {exc}") from exc
+
+
+class SliceMIL(nn.Module):
+    """One 2D timm network applied to every slice of a ``(B, S, H, W)`` stack, slice features max-pooled.
+
+    Why: a study label says the organ is abnormal, not on which slice. Stacking slices as channels gives each
+    slice its own first-layer filters and a from-scratch network fails to learn small focal lesions from ~100
+    studies; a shared per-slice network sees S times as many examples, and max pooling (multiple-instance
+    learning) lets one abnormal slice make the study positive. ``global_pool`` pools space inside each slice
+    (``avgmax`` keeps small lesions visible); ``pool`` pools slices (``max`` or ``mean``).
+    """
+
+    def __init__(self, backbone: str = DEFAULT_MODEL, n_slices: int = 8, num_classes: int = 1, pretrained: bool = False,
+                 pool: str = "max", global_pool: str = "avgmax", **kw: Any) -> None:
+        import timm
+
+        super().__init__()
+        if pool not in ("max", "mean"):
+            raise ValueError(f"slice pooling must be 'max' or 'mean', got {pool!r}")
+        try:
+            self.backbone = timm.create_model(backbone, pretrained=pretrained, in_chans=1, num_classes=0,
+                                              global_pool=global_pool, **kw)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown timm model {backbone!r}: {exc}") from exc
+        self.n_slices, self.pool = int(n_slices), pool
+        self.head = nn.Linear(self.backbone.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[0], x.shape[1]
+        feats = self.backbone(x.reshape(b * s, 1, x.shape[2], x.shape[3])).reshape(b, s, -1)
+        pooled = feats.amax(dim=1) if self.pool == "max" else feats.mean(dim=1)
+        return self.head(pooled)
 
 
 def _monai_model(name: str, in_chans: int, num_classes: int, spatial_dims: int = 3, **kw: Any) -> nn.Module:

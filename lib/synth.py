@@ -15,6 +15,7 @@ Layout of ``data/synthetic/<name>/``::
     reports.csv                   study_id, patient_id, study_date, lang (en|ja), text
     ground_truth/labels.csv       study_id, patient_id, one 0/1 column per organ_finding + organ_abnormal
     ground_truth/lesions.csv      study_id, lesion_id, organ, finding, centre_mm, diameter_mm
+    ground_truth/report_errors.csv  study_id, label, error (missed | overcalled): where reports contradict truth
     cohort.json                   generator parameters (seed, profile, sizes) for provenance
 """
 
@@ -74,6 +75,8 @@ class CohortSpec:
     uncertain_rate: float = 0.12  # positive findings reported with hedging
     false_hedge_rate: float = 0.05  # absent findings reported as "cannot be excluded"
     unmentioned_rate: float = 0.15  # normal organs left out of the report
+    miss_rate: float = 0.05  # present findings the report does not mention (reading errors)
+    overcall_rate: float = 0.005  # absent findings the report states as present
     seed: int = config.DEFAULT_SEED
     name: str = "demo"
     prevalence: dict[str, float] = field(default_factory=lambda: dict(PREVALENCE))
@@ -82,7 +85,9 @@ class CohortSpec:
 PROFILES: dict[str, CohortSpec] = {
     "smoke": CohortSpec(n_patients=10, max_studies_per_patient=2, spacing_xy_mm=(7.0, 8.0),
                         spacing_z_mm=(8.0, 10.0), name="smoke"),
-    "demo": CohortSpec(n_patients=60, name="demo"),
+    # demo: enough studies (~290) for from-scratch CNNs to learn focal lesions; contrast 1.8 puts lesion-to-liver
+    # differences at portal-venous-phase levels (the base HU table is closer to unenhanced CT).
+    "demo": CohortSpec(n_patients=150, lesion_contrast=1.8, lesion_size=1.6, name="demo"),
     "full": CohortSpec(n_patients=200, spacing_xy_mm=(1.8, 2.4), spacing_z_mm=(2.5, 3.5), name="full"),
 }
 
@@ -362,7 +367,7 @@ def generate_cohort(spec: CohortSpec, out: Path) -> Path:
     les_df = pd.DataFrame(lesions, columns=["study_id", "lesion_id", "organ", "finding", "centre_mm",
                                             "diameter_mm", "voxels"])
     les_df.to_csv(out / "ground_truth" / "lesions.csv", index=False)
-    write_reports(spec, studies, les_df, out / "reports.csv")
+    write_reports(spec, studies, les_df, out / "reports.csv", out / "ground_truth" / "report_errors.csv")
     (out / "class_map.json").write_text(json.dumps({str(k): v for k, v in CLASS_MAP.items()}, indent=1))
     (out / "cohort.json").write_text(json.dumps({"spec": _spec_json(spec), "n_studies": len(studies),
                                                  "n_patients": int(studies.patient_id.nunique())},

@@ -107,11 +107,32 @@ def _sentence(template: str, term: str, m: str = "", m2: str = "") -> str:
                            m=m, m2=m2)
 
 
+def reporting_errors(study: pd.Series, spec) -> dict[str, str]:  # noqa: ANN001 - CohortSpec
+    """Findings the radiologist gets wrong in this study: ``{column: "missed" | "overcalled"}``.
+
+    Why: real report labels disagree with the images (satisfaction of search, overcalls), and a label-noise
+    study is only informative when they do. Drawn once per study, so the English and Japanese reports (the
+    same read, two languages) carry the same errors; listed in ``ground_truth/report_errors.csv``.
+    """
+    from lib.synth import LABEL_COLUMNS
+
+    rng = _rng(spec.seed, study.study_id, "reading")
+    draws = {c: rng.random() for c in LABEL_COLUMNS}  # one draw per column: rates change errors, not streams
+    errors = {}
+    for c, u in draws.items():
+        if int(study[c]) and u < spec.miss_rate:
+            errors[c] = "missed"
+        elif not int(study[c]) and u < spec.overcall_rate:
+            errors[c] = "overcalled"
+    return errors
+
+
 def report_text(study: pd.Series, lesions: pd.DataFrame, prior_date: str | None, lang: str,
                 spec) -> str:  # noqa: ANN001 - CohortSpec, avoids an import cycle
-    """One report in ``lang`` for a study row of ``draw_patients``."""
+    """One report in ``lang`` for a study row of ``draw_patients`` (with its ``reporting_errors``)."""
     from lib.synth import FINDINGS
 
+    errors = reporting_errors(study, spec)
     rng = _rng(spec.seed, study.study_id, lang)
     findings_lines: list[str] = []
     impressions: list[str] = []
@@ -121,7 +142,7 @@ def report_text(study: pd.Series, lesions: pd.DataFrame, prior_date: str | None,
         for f in fs:
             col = f"{organ}_{f}"
             term = _pick(rng, TERMS[col][lang])
-            if int(study[col]):
+            if int(study[col]) != (col in errors):  # reported present: true positive or overcall
                 diam = lesions.loc[(lesions.finding == f) & lesions.organ.str.startswith(organ),
                                    "diameter_mm"].tolist()
                 m, m2 = _measure(lang, diam, rng)
@@ -168,14 +189,18 @@ def report_text(study: pd.Series, lesions: pd.DataFrame, prior_date: str | None,
     return f"{head}{comp}{body}\n【診断】\n{imp}\n"
 
 
-def write_reports(spec, studies: pd.DataFrame, lesions: pd.DataFrame, path: Path) -> None:  # noqa: ANN001
-    """reports.csv: one row per study and language."""
-    rows = []
+def write_reports(spec, studies: pd.DataFrame, lesions: pd.DataFrame, path: Path,  # noqa: ANN001
+                  errors_path: Path | None = None) -> None:
+    """reports.csv: one row per study and language (and the reading errors they contain, for evaluation)."""
+    rows, errs = [], []
     prior: dict[str, str] = {}
     for _, st in studies.sort_values(["patient_id", "study_index"]).iterrows():
         les = lesions[lesions.study_id == st.study_id]
+        errs += [{"study_id": st.study_id, "label": c, "error": e} for c, e in reporting_errors(st, spec).items()]
         for lang in ("en", "ja"):
             rows.append({"study_id": st.study_id, "patient_id": st.patient_id, "study_date": st.study_date,
                          "lang": lang, "text": report_text(st, les, prior.get(st.patient_id), lang, spec)})
         prior[st.patient_id] = st.study_date
     pd.DataFrame(rows).to_csv(path, index=False)
+    if errors_path is not None:
+        pd.DataFrame(errs, columns=["study_id", "label", "error"]).to_csv(errors_path, index=False)

@@ -50,6 +50,7 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     threads: int = 0  # torch intra-op threads; 0 = torch's default (set 1 on an oversubscribed machine)
+    ema_decay: float = 0.0  # > 0: validate and checkpoint an exponential moving average of the weights (timm)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adam", "sgd"):
@@ -58,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"scheduler must be cosine|plateau|none, got {self.scheduler!r}")
         if self.mode not in ("max", "min"):
             raise ValueError(f"mode must be max|min, got {self.mode!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -279,7 +282,7 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 
 
 def _run_epoch(model: nn.Module, loader: DataLoader, loss_fn, opt, scaler, device, cfg: TrainConfig,
-               use_amp: bool, channels_last: bool, show: bool, desc: str) -> float:
+               use_amp: bool, channels_last: bool, show: bool, desc: str, ema=None) -> float:
     model.train()
     total, count = 0.0, 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
@@ -297,6 +300,8 @@ def _run_epoch(model: nn.Module, loader: DataLoader, loss_fn, opt, scaler, devic
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
+        if ema is not None:
+            ema.update(unwrap(model))
         total += float(loss.detach()) * len(x)
         count += len(x)
     if dist.is_initialized():
@@ -379,6 +384,13 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
+    # EMA of the weights (and BatchNorm statistics): on ~100-sample sets the validation score of the raw
+    # weights swings from epoch to epoch, and the averaged model is the steadier one to select and ship.
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(unwrap(model), decay=cfg.ema_decay)
     state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     rows: list[dict] = []
 
@@ -392,6 +404,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state.update(ckpt["train_state"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         rows = list(ckpt["train_state"].get("log", []))
         _set_rng_state(ckpt["rng"])
         if main:
@@ -414,13 +428,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         train_loss = _run_epoch(net, train_loader, loss_fn, opt, scaler, dev, cfg, use_amp, channels_last, show,
-                                f"epoch {epoch + 1}")
+                                f"epoch {epoch + 1}", ema)
         if world > 1:
             _sync_buffers(net)
+        shipped = ema.module if ema is not None else unwrap(net)  # the weights validated and saved as best.pt
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{out_dir}: training loss is {train_loss} in epoch {epoch + 1} "
                                      f"(lower lr={cfg.lr}, set grad_clip, or check the inputs for extreme values)")
-        metrics = _validate(unwrap(net), val_loader, loss_fn, evaluate_fn, dev, channels_last, show)
+        metrics = _validate(shipped, val_loader, loss_fn, evaluate_fn, dev, channels_last, show)
         monitored = metrics.get(cfg.monitor)
         if monitored is None:
             raise KeyError(f"monitor {cfg.monitor!r} not in validation metrics {sorted(metrics)}")
@@ -442,8 +457,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         if main:
             ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "train_config": asdict(cfg)}
             if improved or not (out_dir / "best.pt").exists():
-                save_checkpoint(out_dir / "best.pt", net, ckpt_meta)
+                save_checkpoint(out_dir / "best.pt", shipped, ckpt_meta)
             save_checkpoint(last, net, ckpt_meta, optimizer=opt.state_dict(),
+                            ema=ema.module.state_dict() if ema is not None else None,
                             scheduler=sched.state_dict() if sched is not None else None,
                             scaler=scaler.state_dict(), rng=_rng_state(), train_state={**state, "log": rows})
             pd.DataFrame(rows).to_csv(out_dir / "log.csv", index=False)

@@ -84,3 +84,17 @@ def test_prevalence_is_realistic():
     for col, p in synth.PREVALENCE.items():
         assert abs(df[col].mean() - p) < 0.08, col
     assert 0.3 < df.liver_abnormal.mean() < 0.7
+
+
+def test_reading_errors_contradict_truth_and_are_listed(tmp_path):
+    from lib.synth_text import reporting_errors
+
+    spec = synth.CohortSpec(n_patients=300, miss_rate=0.2, overcall_rate=0.02)
+    studies = synth.draw_patients(spec)
+    errs = [(st.study_id, c, e) for _, st in studies.iterrows() for c, e in reporting_errors(st, spec).items()]
+    truth = studies.set_index("study_id")
+    assert errs and all(truth.loc[s, c] == (e == "missed") for s, c, e in errs)
+    missed = sum(e == "missed" for _, _, e in errs) / truth[synth.LABEL_COLUMNS].to_numpy().sum()
+    assert 0.15 < missed < 0.25
+    none = synth.CohortSpec(n_patients=50, miss_rate=0.0, overcall_rate=0.0)
+    assert not any(reporting_errors(st, none) for _, st in synth.draw_patients(none).iterrows())

@@ -171,3 +171,37 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert float(train.make_loss("binary")(logits, targets)) == pytest.approx(r0["val_loss"][best], abs=1e-5)
     log = pd.read_csv(tmp_path / "log.csv")
     assert len(log) == 2 and log["best"].any()
+
+
+def test_ema_weights_are_validated_saved_and_resumed(tmp_path: Path) -> None:
+    model, log = run(tmp_path / "ema", epochs=4, ema_decay=0.8, resume=False)
+    raw, _ = run(tmp_path / "raw", epochs=4, resume=False)
+    assert log["train_loss"].tolist() == pytest.approx(
+        pd.read_csv(tmp_path / "raw" / "log.csv")["train_loss"].tolist())  # EMA does not touch the optimised weights
+    last = models.read_checkpoint(tmp_path / "ema" / "last.pt")
+    best = models.read_checkpoint(tmp_path / "ema" / "best.pt")
+    assert last["ema"] is not None and "ema" not in best
+    w = "0.weight"
+    assert not torch.equal(last["ema"][w], last["state_dict"][w])  # shipped (EMA) weights differ from the raw ones
+    if int(best["epoch"]) == 4:
+        assert torch.equal(best["state_dict"][w], last["ema"][w])
+    again, log2 = run(tmp_path / "ema", epochs=6, ema_decay=0.8)  # resumes epochs 5-6 with the stored average
+    fresh, log3 = run(tmp_path / "ema6", epochs=6, ema_decay=0.8, resume=False)
+    assert log2["auc"].tolist() == pytest.approx(log3["auc"].tolist())
+    with pytest.raises(ValueError, match="ema_decay"):
+        train.TrainConfig(ema_decay=1.0)
+
+
+def test_slice_mil_model_pools_slices_and_round_trips(tmp_path: Path) -> None:
+    model = models.create_model("mil:resnet10t", in_chans=6, num_classes=2).eval()
+    x = torch.rand(3, 6, 32, 32)
+    out = model(x)
+    assert out.shape == (3, 2)
+    perm = model(x[:, torch.randperm(6)])  # max over slices: the slice order does not matter
+    assert torch.allclose(out, perm, atol=1e-5)
+    meta = models.checkpoint_meta("mil:resnet10t", 6, 2, "multilabel", ["a", "b"])
+    models.save_checkpoint(tmp_path / "m.pt", model, meta)
+    back, _ = models.load_checkpoint(tmp_path / "m.pt")
+    assert torch.allclose(back(x), out)
+    with pytest.raises(ValueError, match="slice pooling"):
+        models.create_model("mil:resnet10t", in_chans=4, pool="median")
