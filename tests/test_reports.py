@@ -153,22 +153,35 @@ def test_unknown_vocabulary() -> None:
 
 
 def test_synthetic_reports_match_truth() -> None:
-    """Text-only synthetic reports (no volumes): positive detection well above the notebook floor."""
+    """Text-only synthetic reports (no volumes): positive detection well above the notebook floor against what the
+    text states (imaging truth with the generator's reading errors applied); against the imaging truth the
+    radiologist's misses show up as present findings labelled negative."""
     from dataclasses import replace
 
     from lib import synth_text
 
     spec = replace(synth.PROFILES["demo"], n_patients=80, seed=11)
     studies = synth.draw_patients(spec)
+    stated = studies.copy()
+    n_missed = 0
+    for i, st in studies.iterrows():
+        for col, err in synth_text.reporting_errors(st, spec).items():
+            stated.loc[i, col] = int(err == "overcalled")
+            n_missed += err == "missed"
+    for organ, findings in synth.FINDINGS.items():
+        stated[f"{organ}_abnormal"] = stated[[f"{organ}_{f}" for f in findings]].max(axis=1)
+    assert n_missed > 0
     no_lesions = pd.DataFrame(columns=["study_id", "organ", "finding", "diameter_mm"])
     for lang in ("en", "ja"):
         texts = [synth_text.report_text(st, no_lesions, None, lang, spec) for _, st in studies.iterrows()]
         lab = reports.label_reports(texts, "abdominal-ct", lang)
         lab.insert(0, "study_id", studies.study_id.to_numpy())
-        table, confusion = reports.evaluate_against(studies, lab)
+        table, confusion = reports.evaluate_against(stated, lab)
         macro = table.set_index("label").loc["macro"]
         assert macro.f1 > 0.85 and macro.precision > 0.95, (lang, table)
         assert confusion.loc["present", "negative (0)"] == 0 if "negative (0)" in confusion else True
+        _, vs_images = reports.evaluate_against(studies, lab)
+        assert vs_images.loc["present", "negative (0)"] >= n_missed
 
 
 def test_label_cohort_writes_and_caches(tmp_path, smoke_cohort) -> None:
