@@ -236,10 +236,15 @@ class Explainer:
             return np.stack([self.occlusion(x[i:i + 1]) for i in range(len(x))])
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "gradcampp" and getattr(self.model, "n_slices", None) and hasattr(self.model, "backbone"):
+            raise ValueError("Grad-CAM++ needs one class score per map; a SliceMIL model scores studies, not slices: "
+                             "use gradcam or occlusion")
         cam = self._cam(method, x)
         with torch.enable_grad():
-            out = cam(x.float().clone().requires_grad_(True), class_idx=self.class_idx)
-        return out[:, 0].detach().cpu().numpy().astype(np.float32)
+            out = cam(x.float().clone().requires_grad_(True), class_idx=self.class_idx)[:, 0]
+        if out.shape[0] != x.shape[0]:  # lib.models.SliceMIL: one map per slice -> strongest slice per pixel
+            out = out.reshape(x.shape[0], -1, *out.shape[-2:]).amax(dim=1)
+        return out.detach().cpu().numpy().astype(np.float32)
 
 
 def normalise(saliency: np.ndarray) -> np.ndarray:

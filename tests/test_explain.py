@@ -319,3 +319,16 @@ def test_overlay_png_and_gallery(trained, tmp_path):
     assert path.stat().st_size > 1000
     fig = explain.gallery({"TP": [res], "FN": []}, "gradcam", ncols=2)
     assert len(fig.axes) >= 4
+
+
+def test_slice_mil_gradcam_is_one_map_per_study() -> None:
+    import torch
+
+    from lib import models
+
+    model = models.create_model("mil:resnet10t", in_chans=6, num_classes=1)
+    ex = explain.Explainer(model)
+    x = torch.rand(2, 6, 48, 48)
+    assert ex.map(x).shape == (2, 48, 48)
+    with pytest.raises(ValueError, match="SliceMIL"):
+        ex.map(x, "gradcampp")
