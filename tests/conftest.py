@@ -27,3 +27,19 @@ def smoke_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lib import synth
 
     return synth.ensure_cohort("smoke", config.DEFAULT_SEED, root=tmp_path_factory.mktemp("cohort"))
+
+
+def secondary_capture(modality: str = "OT"):
+    """A minimal pydicom secondary-capture dataset (file meta, UIDs, modality); tests add pixel tags and data."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    return ds
