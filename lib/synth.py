@@ -118,12 +118,13 @@ def ensure_cohort(profile: str = "smoke", seed: int = config.DEFAULT_SEED,
     spec = replace(PROFILES[profile], seed=seed, **overrides)
     out = Path(root) if root else cohort_dir(spec.name, seed)
     meta = out / "cohort.json"
-    if meta.exists() and json.loads(meta.read_text()).get("spec") == _spec_json(spec):
+    if meta.exists() and json.loads(meta.read_text()).get("spec") == spec_json(spec):
         return out
     return generate_cohort(spec, out)
 
 
-def _spec_json(spec: CohortSpec) -> dict:
+def spec_json(spec: object) -> dict:
+    """A generator spec dataclass as plain JSON values (what ``cohort.json`` stores and cache checks compare)."""
     return json.loads(json.dumps(asdict(spec)))
 
 
@@ -369,21 +370,26 @@ def generate_cohort(spec: CohortSpec, out: Path) -> Path:
     les_df.to_csv(out / "ground_truth" / "lesions.csv", index=False)
     write_reports(spec, studies, les_df, out / "reports.csv", out / "ground_truth" / "report_errors.csv")
     (out / "class_map.json").write_text(json.dumps({str(k): v for k, v in CLASS_MAP.items()}, indent=1))
-    (out / "cohort.json").write_text(json.dumps({"spec": _spec_json(spec), "n_studies": len(studies),
+    (out / "cohort.json").write_text(json.dumps({"spec": spec_json(spec), "n_studies": len(studies),
                                                  "n_patients": int(studies.patient_id.nunique())},
                                                 indent=1))
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def generator_cli(description: str, ensure, profiles: dict, argv: list[str] | None = None) -> None:  # noqa: ANN001
+    """``--profile/--seed/--out`` command line shared by the synthetic generators; prints the folder written."""
     import argparse
 
-    ap = argparse.ArgumentParser(description="Generate the synthetic abdominal-CT cohort.")
-    ap.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--profile", default="demo", choices=sorted(profiles))
     ap.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    print(ensure_cohort(args.profile, args.seed, root=args.out))
+    print(ensure(args.profile, args.seed, root=args.out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    generator_cli("Generate the synthetic abdominal-CT cohort.", ensure_cohort, PROFILES, argv)
 
 
 if __name__ == "__main__":

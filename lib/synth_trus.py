@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from lib import config
+from lib.synth import generator_cli, spec_json
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,6 @@ def make_arrays(spec: TrusSpec) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     return np.stack(imgs), np.stack(masks), pd.DataFrame(rows)
 
 
-def _spec_json(spec: TrusSpec) -> dict:
-    return json.loads(json.dumps(asdict(spec)))
-
-
 def trus_dir(name: str, seed: int) -> Path:
     return config.DATA / "synthetic" / f"trus-{name}-seed{seed}"
 
@@ -187,7 +184,7 @@ def ensure_trus(profile: str = "smoke", seed: int = config.DEFAULT_SEED, root: P
     spec = replace(PROFILES[profile], seed=seed, **overrides)
     out = Path(root) if root else trus_dir(spec.name, seed)
     meta = out / "trus.json"
-    if meta.exists() and json.loads(meta.read_text()).get("spec") == _spec_json(spec):
+    if meta.exists() and json.loads(meta.read_text()).get("spec") == spec_json(spec):
         return out
     rows = []
     for p in range(spec.n_patients):
@@ -203,19 +200,12 @@ def ensure_trus(profile: str = "smoke", seed: int = config.DEFAULT_SEED, root: P
     cols = ["case_id", "patient_id", "image_path", "mask_path", "gland_path", "has_lesion", "lesion_area_px",
             "lesion_contrast", "spacing_mm"]
     pd.DataFrame(rows)[cols].to_csv(out / "index.csv", index=False)
-    meta.write_text(json.dumps({"spec": _spec_json(spec), "n_images": len(rows)}, indent=1))
+    meta.write_text(json.dumps({"spec": spec_json(spec), "n_images": len(rows)}, indent=1))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Generate the synthetic TRUS segmentation set.")
-    ap.add_argument("--profile", default="demo", choices=sorted(PROFILES))
-    ap.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    print(ensure_trus(args.profile, args.seed, root=args.out))
+    generator_cli("Generate the synthetic TRUS segmentation set.", ensure_trus, PROFILES, argv)
 
 
 if __name__ == "__main__":
