@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,8 +154,8 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
                           "--n-train", "48", "--n-val", "21"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=config.ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    reports = sorted((json.loads(line[4:]) for line in res.stdout.splitlines() if line.startswith("DDP ")),
-                     key=lambda r: r["rank"])
+    # both ranks print at once, so their lines can interleave: take each flat {...} after "DDP "
+    reports = sorted((json.loads(m) for m in re.findall(r"DDP (\{[^{}]*\})", res.stdout)), key=lambda r: r["rank"])
     assert [(r["rank"], r["world"]) for r in reports] == [(0, 2), (1, 2)], res.stdout
     r0, r1 = reports
     assert r0["train_reads"] == r1["train_reads"] == 48  # 2 epochs x 24: each rank trained on its half
