@@ -236,7 +236,9 @@ class Explainer:
             return np.stack([self.occlusion(x[i:i + 1]) for i in range(len(x))])
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method == "gradcampp" and getattr(self.model, "n_slices", None) and hasattr(self.model, "backbone"):
+        from lib.models import SliceMIL
+
+        if method == "gradcampp" and isinstance(self.model, SliceMIL):
             raise ValueError("Grad-CAM++ needs one class score per map; a SliceMIL model scores studies, not slices: "
                              "use gradcam or occlusion")
         cam = self._cam(method, x)

@@ -431,6 +431,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                                 f"epoch {epoch + 1}", ema)
         if world > 1:
             _sync_buffers(net)
+            if ema is not None:  # each rank averaged its own BatchNorm statistics: validate/ship rank 0's
+                _sync_buffers(ema.module)
         shipped = ema.module if ema is not None else unwrap(net)  # the weights validated and saved as best.pt
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{out_dir}: training loss is {train_loss} in epoch {epoch + 1} "
