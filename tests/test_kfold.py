@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from lib import kfold, metrics, models, splits, train
+from lib import config, kfold, metrics, models, splits, train
 from lib.datasets import CachedDataset, image_spec
 from lib.io import DataError
 
@@ -271,3 +271,18 @@ def test_ensure_kfold_is_idempotent_and_retrains_on_new_parameters(tmp_path: Pat
     assert log["lr"].iloc[0] == pytest.approx(1e-3), "retrained with the new parameters, not resumed from stale state"
     with pytest.raises(TypeError, match="unknown k-fold parameter"):
         kfold.ensure_kfold(tmp_path, "smoke", SEED, n_folds=3)
+
+
+def test_oof_by_finding_scores_each_finding_against_normal_organs() -> None:
+    import sys
+
+    sys.path.insert(0, str(config.ROOT / "scripts"))
+    from oof_by_finding import by_finding
+
+    oof = pd.DataFrame({"case_id": ["a", "b", "c", "d"], "prob_liver_abnormal": [0.9, 0.2, 0.1, 0.4]})
+    truth = pd.DataFrame({"study_id": ["a", "b", "c", "d"], "liver_abnormal": [1, 1, 0, 0],
+                          "liver_cyst": [1, 0, 0, 0], "liver_mass": [0, 1, 0, 0], "liver_fatty": [0, 0, 0, 0],
+                          "liver_hepatomegaly": [0, 0, 0, 0]})
+    table = by_finding(oof, truth, "liver").set_index("finding")
+    assert table.loc["cyst", "auc"] == 1.0 and table.loc["mass", "auc"] == 0.5  # 0.2 ranks between 0.1 and 0.4
+    assert table.loc["fatty", "positives"] == 0 and np.isnan(table.loc["fatty", "auc"])
