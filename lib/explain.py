@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 METHODS = ("gradcam", "gradcampp", "occlusion")
-OCCLUSION_MODES = ("gaussian", "mean_img")
-BASELINES = ("blur", "mean", "zero")
+OCCLUSION_MODES = ("gaussian", "mean_img", "tissue")
+BASELINES = ("blur", "mean", "zero", "tissue")
 
 
 # ----------------------------------------------------------------------------- target layer
@@ -219,8 +219,9 @@ class Explainer:
         from monai.visualize import OcclusionSensitivity
 
         size = min(self.mask_size, *x.shape[-2:])
+        mode = float(tissue_level(x).median()) if self.occlusion_mode == "tissue" else self.occlusion_mode
         occ = OcclusionSensitivity(nn_module=self.model, mask_size=size, n_batch=self.n_batch,
-                                   verbose=self.progress, mode=self.occlusion_mode,
+                                   verbose=self.progress, mode=mode,
                                    overlap=self.occlusion_overlap(), activate=self._act)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MONAI's own indexing deprecation notes
@@ -313,10 +314,25 @@ def random_map(shape: tuple[int, ...], seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- faithfulness
 
 
+def tissue_level(x: Tensor) -> Tensor:
+    """Median of each channel's non-zero pixels, shape ``(B, C, 1, 1)``: the organ's own intensity in a masked crop.
+
+    Why: in a crop blanked outside the organ mask the image mean, and a blur near the edge, are darker than the
+    organ -- a hypodense patch, i.e. what a lesion looks like -- so 'deleting' with them can add evidence.
+    """
+    flat = x.detach().flatten(2).float()
+    vals = torch.where(flat != 0, flat, torch.full_like(flat, float("nan")))
+    return torch.nan_to_num(vals.nanmedian(dim=2).values, nan=0.0)[..., None, None].to(x)
+
+
 def baseline_image(x: Tensor, kind: str | float = "blur", sigma: float = 4.0) -> Tensor:
-    """What deleted pixels become: a heavily blurred copy (default), the image mean, zero or a constant."""
+    """What deleted pixels become: a heavily blurred copy (default), the image mean, zero, a constant, or
+    ``tissue``: the channel's organ median inside the organ (non-zero pixels), zero outside it -- for masked crops,
+    where a deleted lesion should look like normal organ, not like a new dark patch."""
     if isinstance(kind, int | float) and not isinstance(kind, bool):
         return torch.full_like(x, float(kind))
+    if kind == "tissue":
+        return torch.where(x != 0, tissue_level(x).expand_as(x), torch.zeros_like(x))
     if kind == "zero":
         return torch.zeros_like(x)
     if kind == "mean":
@@ -393,6 +409,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
+def input_support(x: Tensor) -> np.ndarray:
+    """Pixels ``(H, W)`` where one input ``(1, C, H, W)`` is non-zero in some channel (all pixels if none is)."""
+    support = (x[0] != 0).any(0).cpu().numpy()
+    return support if support.any() else np.ones_like(support)
+
+
 def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam", n_steps: int | None = None,
                         seed: int = 0) -> pd.DataFrame:
     """Cascading randomisation (Adebayo et al. 2018): re-initialise layers from the output down, one group
@@ -400,9 +422,13 @@ def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam"
 
     A map that explains the *model* must change as the model is destroyed; a map that stays similar is
     an edge detector. ``n_steps`` groups the layers into that many steps (None = one layer per step).
-    Returns one row per step: ``step, layer, n_randomised, spearman, zero_map`` (step 0 = trained model).
+    Returns one row per step: ``step, layer, n_randomised, spearman, spearman_support, zero_map`` (step 0 =
+    trained model). ``spearman_support`` ranks only the pixels where the input is non-zero in some channel: in a
+    crop blanked outside the organ mask, every map -- trained or random -- is low on the blank part, and that
+    shared structure comes from the input, not the weights (whole image otherwise, where it equals ``spearman``).
     """
     ref = explainer.map(x, method)[0]
+    support = input_support(x)
     model = copy.deepcopy(explainer.model)
     layers = parameter_layers(model)
     groups = [[n] for n in layers] if not n_steps else [list(g) for g in np.array_split(layers, n_steps) if len(g)]
@@ -411,7 +437,7 @@ def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam"
                                                    "stride", "overlap", "occlusion_mode", "n_batch")}
     settings["target_layer"] = explainer.layer(x) if method != "occlusion" else explainer.target_layer
     rows = [{"step": 0, "layer": "(trained)", "n_randomised": 0, "spearman": spearman(ref, ref),
-             "zero_map": is_zero_map(ref)}]
+             "spearman_support": spearman(ref[support], ref[support]), "zero_map": is_zero_map(ref)}]
     done = 0
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -422,7 +448,7 @@ def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam"
             # A fresh copy per step: MONAI's hooks would otherwise pile up on the shared model.
             rand = Explainer(copy.deepcopy(model), **settings).map(x, method)[0]
             rows.append({"step": step, "layer": group[-1], "n_randomised": done, "spearman": spearman(ref, rand),
-                         "zero_map": is_zero_map(rand)})
+                         "spearman_support": spearman(ref[support], rand[support]), "zero_map": is_zero_map(rand)})
     return pd.DataFrame(rows)
 
 
@@ -810,6 +836,9 @@ def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: p
     if randomisation is not None and len(randomisation):
         last = randomisation.sort_values("step").groupby(["sample_id", "method"]).tail(1)
         out["randomised_spearman"] = {m: _num(g["spearman"].mean()) for m, g in last.groupby("method")}
+        if "spearman_support" in last:
+            out["randomised_spearman_support"] = {m: _num(g["spearman_support"].mean())
+                                                  for m, g in last.groupby("method")}
     Path(path).write_text(json.dumps(out, indent=1))
     return out
 

@@ -427,7 +427,7 @@ STAGE_DEFAULTS: dict = {
     "channels": 1, "model_name": models.DEFAULT_MODEL, "pretrained": False, "n_splits": 3, "test_fraction": 0.2,
     "epochs": 1, "batch_size": 32, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine", "patience": 0,
     "augment": "light", "uncertain": "ignore", "threshold": 0.5, "n_boot": 200, "bn_momentum": 0.5,
-    "model_kwargs": {}, "ema_decay": 0.0,
+    "model_kwargs": {}, "ema_decay": 0.0, "select": "last",
 }
 
 
@@ -501,7 +501,7 @@ def build_stage_dataset(params: dict, run_dir: str | Path, profile: str, seed: i
 def train_config(params: dict, task: str, seed: int, progress: bool = False) -> train.TrainConfig:
     return train.TrainConfig(epochs=params["epochs"], lr=params["lr"], optimizer=params["optimizer"],
                              scheduler=params["scheduler"], patience=params["patience"],
-                             ema_decay=params["ema_decay"],
+                             ema_decay=params["ema_decay"], select=params["select"],
                              monitor="macro_f1" if task == "multiclass" else "auc", seed=seed, progress=progress)
 
 
@@ -585,7 +585,8 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
         ds_r, ds_t, noise_dir, cfg, model_name=params["model_name"], group_col=group_col,
         n_splits=params["n_splits"], test_fraction=params["test_fraction"], augment=params["augment"],
         batch_size=params["batch_size"], uncertain=params["uncertain"], pretrained=params["pretrained"],
-        threshold=params["threshold"], n_boot=params["n_boot"], bn_momentum=params["bn_momentum"])
+        threshold=params["threshold"], n_boot=params["n_boot"], bn_momentum=params["bn_momentum"],
+        model_kwargs=params["model_kwargs"])
     pfile.write_text(json.dumps(_jsonable(params), indent=1))  # written last: marks the study complete
     return table, results
 

@@ -51,6 +51,7 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0  # torch intra-op threads; 0 = torch's default (set 1 on an oversubscribed machine)
     ema_decay: float = 0.0  # > 0: validate and checkpoint an exponential moving average of the weights (timm)
+    select: str = "best"  # weights shipped as best.pt: best on the monitor | last epoch (no selection on val)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adam", "sgd"):
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"scheduler must be cosine|plateau|none, got {self.scheduler!r}")
         if self.mode not in ("max", "min"):
             raise ValueError(f"mode must be max|min, got {self.mode!r}")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"select must be best|last, got {self.select!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -357,7 +360,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     ``cfg.monitor`` key drives checkpointing, early stopping and the plateau scheduler). With
     ``cfg.resume`` an existing ``last.pt`` continues the run and gives the same result as an
     uninterrupted one. Under torchrun (``WORLD_SIZE>1``) the model is wrapped in DDP and only rank 0 writes.
-    On return the model holds the best weights.
+    On return the model holds the shipped weights (``best.pt``): the best epoch on ``cfg.monitor``, or with
+    ``cfg.select='last'`` the last epoch -- for k-fold, where the validation fold is also the scored fold and
+    picking its best epoch inflates the score and leaves each fold's probabilities at a different calibration.
     """
     out_dir = Path(out_dir)
     for what, loader in (("training", train_loader), ("validation", val_loader)):
@@ -458,7 +463,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         bar.set_postfix({"loss": f"{train_loss:.3f}", cfg.monitor: f"{monitored:.3f}"})
         if main:
             ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "train_config": asdict(cfg)}
-            if improved or not (out_dir / "best.pt").exists():
+            if improved or cfg.select == "last" or not (out_dir / "best.pt").exists():
                 save_checkpoint(out_dir / "best.pt", shipped, ckpt_meta)
             save_checkpoint(last, net, ckpt_meta, optimizer=opt.state_dict(),
                             ema=ema.module.state_dict() if ema is not None else None,

@@ -193,6 +193,18 @@ def test_ema_weights_are_validated_saved_and_resumed(tmp_path: Path) -> None:
         train.TrainConfig(ema_decay=1.0)
 
 
+def test_select_last_ships_the_last_epoch(tmp_path: Path) -> None:
+    _, log = run(tmp_path / "last", epochs=5, select="last", ema_decay=0.8, resume=False)
+    best = models.read_checkpoint(tmp_path / "last" / "best.pt")
+    last = models.read_checkpoint(tmp_path / "last" / "last.pt")
+    assert int(best["epoch"]) == 5 and best["metrics"]["auc"] == pytest.approx(log["auc"].iloc[-1])
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in last["ema"].items())
+    _, log_best = run(tmp_path / "best", epochs=5, ema_decay=0.8, resume=False)
+    assert log_best["train_loss"].tolist() == pytest.approx(log["train_loss"].tolist())  # selection only
+    with pytest.raises(ValueError, match="select"):
+        train.TrainConfig(select="median")
+
+
 def test_slice_mil_model_pools_slices_and_round_trips(tmp_path: Path) -> None:
     model = models.create_model("mil:resnet10t", in_chans=6, num_classes=2).eval()
     x = torch.rand(3, 6, 32, 32)
