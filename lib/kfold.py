@@ -505,6 +505,16 @@ def train_config(params: dict, task: str, seed: int, progress: bool = False) -> 
                              monitor="macro_f1" if task == "multiclass" else "auc", seed=seed, progress=progress)
 
 
+_RUN_KEYS = ("model_name", "n_splits", "test_fraction", "augment", "batch_size", "uncertain", "pretrained",
+             "threshold", "n_boot", "model_kwargs", "bn_momentum")
+
+
+def _run_kwargs(params: dict, group_col: str) -> dict:
+    """``run_kfold``'s keyword arguments from stage parameters: one mapping for the k-fold run and the label-noise
+    study, so both train the same model the same way."""
+    return {"group_col": group_col, **{k: params[k] for k in _RUN_KEYS}}
+
+
 def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed: int = config.DEFAULT_SEED,
                  name: str = STAGE_NAME, force: bool = False, progress: bool = False, **overrides) -> Path:
     """Idempotent stage 04: ``run_dir/kfold/<name>/`` with ``fold<k>/best.pt``, ``oof.csv``, ``metrics.json``, figures.
@@ -534,10 +544,7 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
     ds, group_col = build_stage_dataset(params, run_dir, profile, seed)
     eval_col = "truth" if "truth" in ds.table and ds.task == "binary" else None
     cfg = train_config(params, ds.task, seed, progress)
-    result = run_kfold(ds, out, cfg, params["model_name"], group_col, params["n_splits"], params["test_fraction"],
-                       params["augment"], params["batch_size"], eval_col, params["uncertain"], params["pretrained"],
-                       params["threshold"], params["n_boot"], model_kwargs=params["model_kwargs"],
-                       bn_momentum=params["bn_momentum"])
+    result = run_kfold(ds, out, cfg, eval_col=eval_col, **_run_kwargs(params, group_col))
     figures(result, ds.task, ds.label_names, params["threshold"])
     return out
 
@@ -581,12 +588,7 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
     ds_r, group_col = build_stage_dataset(params, run_dir, profile, seed, label_source="reports")
     ds_t, _ = build_stage_dataset(params, run_dir, profile, seed, label_source="truth")
     cfg = train_config(params, ds_t.task, seed)
-    table, results = label_noise_study(
-        ds_r, ds_t, noise_dir, cfg, model_name=params["model_name"], group_col=group_col,
-        n_splits=params["n_splits"], test_fraction=params["test_fraction"], augment=params["augment"],
-        batch_size=params["batch_size"], uncertain=params["uncertain"], pretrained=params["pretrained"],
-        threshold=params["threshold"], n_boot=params["n_boot"], bn_momentum=params["bn_momentum"],
-        model_kwargs=params["model_kwargs"])
+    table, results = label_noise_study(ds_r, ds_t, noise_dir, cfg, **_run_kwargs(params, group_col))
     pfile.write_text(json.dumps(_jsonable(params), indent=1))  # written last: marks the study complete
     return table, results
 

@@ -128,11 +128,12 @@ def reporting_errors(study: pd.Series, spec) -> dict[str, str]:  # noqa: ANN001 
 
 
 def report_text(study: pd.Series, lesions: pd.DataFrame, prior_date: str | None, lang: str,
-                spec) -> str:  # noqa: ANN001 - CohortSpec, avoids an import cycle
-    """One report in ``lang`` for a study row of ``draw_patients`` (with its ``reporting_errors``)."""
+                spec, errors: dict[str, str] | None = None) -> str:  # noqa: ANN001 - CohortSpec, no import cycle
+    """One report in ``lang`` for a study row of ``draw_patients`` with its ``reporting_errors`` (computed here
+    unless the caller, writing both languages, passes them)."""
     from lib.synth import FINDINGS
 
-    errors = reporting_errors(study, spec)
+    errors = reporting_errors(study, spec) if errors is None else errors
     rng = _rng(spec.seed, study.study_id, lang)
     findings_lines: list[str] = []
     impressions: list[str] = []
@@ -196,10 +197,11 @@ def write_reports(spec, studies: pd.DataFrame, lesions: pd.DataFrame, path: Path
     prior: dict[str, str] = {}
     for _, st in studies.sort_values(["patient_id", "study_index"]).iterrows():
         les = lesions[lesions.study_id == st.study_id]
-        errs += [{"study_id": st.study_id, "label": c, "error": e} for c, e in reporting_errors(st, spec).items()]
+        errors = reporting_errors(st, spec)  # one read, written in two languages
+        errs += [{"study_id": st.study_id, "label": c, "error": e} for c, e in errors.items()]
         for lang in ("en", "ja"):
             rows.append({"study_id": st.study_id, "patient_id": st.patient_id, "study_date": st.study_date,
-                         "lang": lang, "text": report_text(st, les, prior.get(st.patient_id), lang, spec)})
+                         "lang": lang, "text": report_text(st, les, prior.get(st.patient_id), lang, spec, errors)})
         prior[st.patient_id] = st.study_date
     pd.DataFrame(rows).to_csv(path, index=False)
     if errors_path is not None:
