@@ -835,10 +835,8 @@ def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: p
     out["vs_random"] = {m: gains(summary, m) for m in methods if m in ens.index and "random" in ens.index}
     if randomisation is not None and len(randomisation):
         last = randomisation.sort_values("step").groupby(["sample_id", "method"]).tail(1)
-        out["randomised_spearman"] = {m: _num(g["spearman"].mean()) for m, g in last.groupby("method")}
-        if "spearman_support" in last:
-            out["randomised_spearman_support"] = {m: _num(g["spearman_support"].mean())
-                                                  for m, g in last.groupby("method")}
+        for col in ("spearman", "spearman_support"):
+            out[f"randomised_{col}"] = {m: _num(g[col].mean()) for m, g in last.groupby("method")}
     Path(path).write_text(json.dumps(out, indent=1))
     return out
 
