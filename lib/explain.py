@@ -473,6 +473,17 @@ def randomisation_study(explainer: Explainer, xs: Tensor, sample_ids: Sequence[s
     return pd.concat(frames, ignore_index=True)
 
 
+def randomised_correlation(randomisation: pd.DataFrame, col: str = "spearman_support") -> pd.Series:
+    """Per method: mean absolute Spearman of the fully randomised model's map with the trained map (the last
+    step of each case's cascade); a map that vanished counts as 0.
+
+    Absolute, as Adebayo et al.'s 'ABS' variant: a map that turns into its own negative when the weights are
+    destroyed still carries the trained map's structure (from the input, not the model), so it must not pass.
+    """
+    last = randomisation.sort_values("step").groupby(["sample_id", "method"]).tail(1)
+    return last[col].fillna(0.0).abs().groupby(last["method"]).mean()
+
+
 # ----------------------------------------------------------------------------- one case, all checks
 
 
@@ -546,14 +557,23 @@ def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence
     return table, results
 
 
-def summarise(table: pd.DataFrame, by: Sequence[str] = ("method", "fold")) -> pd.DataFrame:
+def summarise(table: pd.DataFrame, by: Sequence[str] = ("method", "fold"), threshold: float = 0.5) -> pd.DataFrame:
     """Per method (and fold): pointing-game hit rate, mean energy inside, mean deletion AUC, counts of
-    scored / lesion-free / all-zero maps. NaNs (no lesion, zero map) are left out of the means."""
-    t = table.assign(fold=table["fold"].astype(str))
+    scored / lesion-free / all-zero maps. NaNs (no lesion, zero map) are left out of the means.
+
+    ``deletion_auc_predicted`` (and ``n_predicted``) averages the deletion AUC over the inputs the explained model
+    itself calls positive (its probability ``prob_start`` >= ``threshold``), the usual protocol (Petsiuk et al.
+    2018, Samek et al. 2017): only there is there evidence to remove. On an input the model calls negative the
+    curve starts near zero and can only measure whether the deleted patches *add* evidence (an artefact of the
+    fill), which says nothing about the map. ``deletion_auc`` keeps every input.
+    """
+    predicted = table["deletion_auc"].where(table["prob_start"] >= threshold)
+    t = table.assign(fold=table["fold"].astype(str), deletion_auc_predicted=predicted)
     g = t.groupby(list(by), sort=False)
     out = g.agg(n=("sample_id", "size"), n_localised=("pointing", "count"), pointing=("pointing", "mean"),
                 energy_inside=("energy_inside", "mean"), deletion_auc=("deletion_auc", "mean"),
-                zero_maps=("zero_map", "sum"))
+                n_predicted=("deletion_auc_predicted", "count"),
+                deletion_auc_predicted=("deletion_auc_predicted", "mean"), zero_maps=("zero_map", "sum"))
     return out.reset_index()
 
 
@@ -780,11 +800,37 @@ def curves_frame(results: Sequence[CaseResult]) -> pd.DataFrame:
 
 def gains(summary: pd.DataFrame, method: str = "gradcam", fold: str = "ensemble") -> dict[str, float]:
     """How much ``method`` beats the random map: pointing-game and energy gains (higher is better) and the
-    deletion-AUC gain (random minus method: positive when the map finds what the model uses)."""
+    deletion-AUC gain (random minus method: positive when the map finds what the model uses), on the inputs the
+    model calls positive (``deletion_gain``, NaN when there are none) and on all inputs (``deletion_gain_all``)."""
     s = summary[summary["fold"].astype(str) == fold].set_index("method")
-    return {"pointing_gain": float(s.loc[method, "pointing"] - s.loc["random", "pointing"]),
-            "energy_gain": float(s.loc[method, "energy_inside"] - s.loc["random", "energy_inside"]),
-            "deletion_gain": float(s.loc["random", "deletion_auc"] - s.loc[method, "deletion_auc"])}
+
+    def gain(col: str, sign: int = 1) -> float:
+        return float(sign * (s.loc[method, col] - s.loc["random", col]))
+
+    return {"pointing_gain": gain("pointing"), "energy_gain": gain("energy_inside"),
+            "deletion_gain": gain("deletion_auc_predicted", -1), "deletion_gain_all": gain("deletion_auc", -1)}
+
+
+def gain_intervals(table: pd.DataFrame, method: str = "gradcam", fold: str = "ensemble", threshold: float = 0.5,
+                   n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """Bootstrap intervals of the pointing-game and deletion gains over the random map, pairing each case's map
+    with its own random baseline and resampling cases (what ``gains`` averages). With a few dozen cases a mean
+    gain can be luck; the interval says how much. NaN bounds when no case can be scored."""
+    from lib.metrics import bootstrap_weights
+
+    t = table[table["fold"].astype(str) == fold].set_index("sample_id")
+    own, rnd = t[t["method"] == method], t[t["method"] == "random"]
+    paired = {"pointing_gain_ci": (own["pointing"] - rnd["pointing"]).dropna(),
+              "deletion_gain_ci": (rnd["deletion_auc"] - own["deletion_auc"])[own["prob_start"] >= threshold]}
+    out = {}
+    for key, diff in paired.items():
+        if diff.empty:
+            out[key] = [float("nan")] * 2
+            continue
+        w = bootstrap_weights(np.zeros(len(diff)), n_boot, seed)
+        means = w @ diff.to_numpy() / w.sum(1)
+        out[key] = [float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2])]
+    return out
 
 
 def find_checkpoints(run_dir: str | Path, kfold_name: str | None = None,
@@ -824,19 +870,25 @@ def find_checkpoints(run_dir: str | Path, kfold_name: str | None = None,
 
 
 def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: pd.DataFrame | None = None,
-                       methods: Sequence[str] = METHODS) -> dict:
-    """Ensemble scores per method, gains over the random map and the final randomisation correlations as JSON,
-    so ``lib.pipeline.merge_metrics`` puts stage 05 in the run's ``metrics.json`` beside the other stages."""
+                       methods: Sequence[str] = METHODS, table: pd.DataFrame | None = None,
+                       threshold: float = 0.5, seed: int = 0) -> dict:
+    """Ensemble scores per method, gains over the random map (with bootstrap intervals when the per-case
+    ``table`` is given) and the final randomisation correlations as JSON, so ``lib.pipeline.merge_metrics`` puts
+    stage 05 in the run's ``metrics.json`` beside the other stages."""
     import json
 
     ens = summary[summary["fold"].astype(str) == "ensemble"].set_index("method")
-    cols = ["n", "n_localised", "pointing", "energy_inside", "deletion_auc", "zero_maps"]
+    cols = ["n", "n_localised", "pointing", "energy_inside", "deletion_auc", "n_predicted", "deletion_auc_predicted",
+            "zero_maps"]
     out: dict = {"ensemble": {m: {c: _num(ens.loc[m, c]) for c in cols} for m in ens.index}}
     out["vs_random"] = {m: gains(summary, m) for m in methods if m in ens.index and "random" in ens.index}
+    if table is not None:
+        for m, g in out["vs_random"].items():
+            g.update({k: [_num(v) for v in ci] for k, ci in gain_intervals(table, m, threshold=threshold,
+                                                                          seed=seed).items()})
     if randomisation is not None and len(randomisation):
-        last = randomisation.sort_values("step").groupby(["sample_id", "method"]).tail(1)
-        for col in ("spearman", "spearman_support"):
-            out[f"randomised_{col}"] = {m: _num(g[col].mean()) for m, g in last.groupby("method")}
+        for col in ("spearman", "spearman_support"):  # mean |Spearman| after full randomisation
+            out[f"randomised_abs_{col}"] = {m: _num(v) for m, v in randomised_correlation(randomisation, col).items()}
     Path(path).write_text(json.dumps(out, indent=1))
     return out
 

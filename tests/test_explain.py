@@ -268,6 +268,8 @@ def test_gradcam_beats_random_on_trained_model(trained):
     assert s.loc["gradcam", "pointing"] >= 0.8 > s.loc["random", "pointing"]
     assert s.loc["gradcam", "energy_inside"] > 2 * s.loc["random", "energy_inside"]
     assert s.loc["gradcam", "deletion_auc"] < s.loc["random", "deletion_auc"]
+    lo, hi = explain.gain_intervals(table, "gradcam", n_boot=500)["pointing_gain_ci"]
+    assert 0 < lo <= s.loc["gradcam", "pointing"] - s.loc["random", "pointing"] <= hi
     assert set(table["fold"].astype(str)) == {"ensemble", "0", "1"}
     assert results[0].maps["gradcam"].shape == (32, 32)
 
@@ -297,6 +299,29 @@ def test_support_spearman_ignores_the_blank_part_of_a_masked_input():
     a, b = (np.where(support, 1 + rng.random(support.shape), 0.0) for _ in range(2))
     assert explain.spearman(a, b) > 0.6
     assert abs(explain.spearman(a[support], b[support])) < 0.2
+
+
+def test_deletion_is_scored_on_inputs_the_model_calls_positive():
+    """Deletion gains come from inputs the explained model calls positive; the all-input figure is kept beside."""
+    t = pd.DataFrame({"sample_id": list("aabb"), "method": ["gradcam", "random"] * 2, "fold": "ensemble",
+                      "pointing": np.nan, "energy_inside": np.nan, "deletion_auc": [0.2, 0.5, 0.6, 0.1],
+                      "prob_start": [0.9, 0.9, 0.1, 0.1], "zero_map": False})
+    s = explain.summarise(t, threshold=0.5).set_index("method")
+    assert s.loc["gradcam", ["n_predicted", "deletion_auc_predicted", "deletion_auc"]].tolist() == \
+        pytest.approx([1, 0.2, 0.4])
+    g = explain.gains(s.reset_index(), "gradcam")
+    assert g["deletion_gain"] == pytest.approx(0.3) and g["deletion_gain_all"] == pytest.approx(-0.1)
+    ci = explain.gain_intervals(t, "gradcam", n_boot=200)  # one case called positive: no spread
+    assert ci["deletion_gain_ci"] == pytest.approx([0.3, 0.3]) and np.isnan(ci["pointing_gain_ci"]).all()
+    none = explain.summarise(t, threshold=0.95)
+    assert (none["n_predicted"] == 0).all() and np.isnan(explain.gains(none, "gradcam")["deletion_gain"])
+
+
+def test_randomised_correlation_is_absolute_and_counts_vanished_maps_as_zero():
+    """An inverted map keeps the trained map's structure (|rho| counts); a vanished map has changed (0)."""
+    r = pd.DataFrame({"sample_id": list("aabbcc"), "method": "gradcam", "step": [0, 1] * 3,
+                      "spearman_support": [1.0, -0.6, 1.0, 0.3, 1.0, np.nan]})
+    assert explain.randomised_correlation(r)["gradcam"] == pytest.approx(0.3)
 
 
 def test_randomisation_study_skips_zero_maps(trained):
