@@ -416,7 +416,7 @@ def input_support(x: Tensor) -> np.ndarray:
 
 
 def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam", n_steps: int | None = None,
-                        seed: int = 0) -> pd.DataFrame:
+                        seed: int = 0, ref: np.ndarray | None = None) -> pd.DataFrame:
     """Cascading randomisation (Adebayo et al. 2018): re-initialise layers from the output down, one group
     at a time, and measure the rank correlation of each map with the trained model's map.
 
@@ -426,8 +426,9 @@ def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam"
     trained model). ``spearman_support`` ranks only the pixels where the input is non-zero in some channel: in a
     crop blanked outside the organ mask, every map -- trained or random -- is low on the blank part, and that
     shared structure comes from the input, not the weights (whole image otherwise, where it equals ``spearman``).
+    ``ref``: the trained model's map, when the caller has it already.
     """
-    ref = explainer.map(x, method)[0]
+    ref = explainer.map(x, method)[0] if ref is None else ref
     support = input_support(x)
     model = copy.deepcopy(explainer.model)
     layers = parameter_layers(model)
@@ -460,13 +461,15 @@ def randomisation_study(explainer: Explainer, xs: Tensor, sample_ids: Sequence[s
     Returns the checks' rows with ``sample_id`` and ``method`` columns."""
     frames = []
     for method in methods:
-        chosen: list[int] = []
+        trained: dict[int, np.ndarray] = {}
         for i in range(len(xs)):
-            if len(chosen) < n_cases and not is_zero_map(explainer.map(xs[i:i + 1], method)[0]):
-                chosen.append(i)
+            if sum(not is_zero_map(m) for m in trained.values()) == n_cases:
+                break
+            trained[i] = explainer.map(xs[i:i + 1], method)[0]
+        chosen = [i for i, m in trained.items() if not is_zero_map(m)]
         chosen += [i for i in range(len(xs)) if i not in chosen][:n_cases - len(chosen)]
         for i in chosen:
-            res = randomisation_check(explainer, xs[i:i + 1], method, n_steps, seed)
+            res = randomisation_check(explainer, xs[i:i + 1], method, n_steps, seed, trained.get(i))
             frames.append(res.assign(sample_id=str(sample_ids[i]), method=method))
     if not frames:
         raise ValueError("randomisation study needs at least one input and one method")
@@ -785,6 +788,30 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
     lesions = crop_lesions(crops_dir, table, prep)
     table["lesion_pixels"] = [int(les.sum()) if les is not None else 0 for les in lesions]
     return Cases(ds.x, table, lesions)
+
+
+SUBSETS = ("test", "all")
+
+
+def case_subset(cases: Cases, subset: str, kfold_dir: str | Path) -> Cases:
+    """``test``: only the studies notebook 04 held out from every fold (``test_predictions.csv``), so no model
+    being explained was trained on them; ``all``: every crop (each fold model trained on most of them, so maps may
+    show what it memorised). Grouped by study, like the split itself."""
+    from lib.io import DataError
+
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    if subset == "all":
+        return cases
+    path = Path(kfold_dir) / "test_predictions.csv"
+    if not path.exists():
+        raise DataError(path, "no held-out test predictions (notebook 04 with test_fraction > 0 writes them); "
+                              "use subset='all' to explain every crop")
+    test = set(pd.read_csv(path, usecols=["case_id"])["case_id"].astype(str))
+    rows = np.flatnonzero(cases.table["case_id"].astype(str).isin(test))
+    if not len(rows):
+        raise DataError(path, f"none of its {len(test)} held-out case_ids is among the {len(cases.table)} crops")
+    return cases.take(rows)
 
 
 def curves_frame(results: Sequence[CaseResult]) -> pd.DataFrame:

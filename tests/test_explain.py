@@ -346,6 +346,21 @@ def test_explain_case_without_lesion_skips_localisation(trained):
     assert (s["n_localised"] == 0).all() and s["pointing"].isna().all()
 
 
+def test_case_subset_keeps_held_out_studies(tmp_path):
+    """``test`` keeps the studies notebook 04 held out from every fold; missing files and bad names are clear."""
+    table = pd.DataFrame({"case_id": ["P1_S0", "P2_S0", "P3_S0"], "organ": "liver"})
+    cases = explain.Cases(torch.arange(3.0).reshape(3, 1, 1, 1), table, [None, np.ones((1, 1)), None])
+    assert explain.case_subset(cases, "all", tmp_path) is cases
+    with pytest.raises(DataError, match="no held-out test predictions"):
+        explain.case_subset(cases, "test", tmp_path)
+    pd.DataFrame({"case_id": ["P2_S0", "P9_S0"]}).to_csv(tmp_path / "test_predictions.csv", index=False)
+    held = explain.case_subset(cases, "test", tmp_path)
+    assert held.table["case_id"].tolist() == ["P2_S0"] and held.x.flatten().tolist() == [1.0]
+    assert held.lesions[0] is not None
+    with pytest.raises(ValueError, match="subset must be one of"):
+        explain.case_subset(cases, "train", tmp_path)
+
+
 def test_find_checkpoints_uses_finished_runs_and_selects_folds(tmp_path):
     """A finished k-fold run is used as it is (never retrained here); ``folds`` keeps a subset, in fold order."""
     root = tmp_path / "kfold" / "model"
