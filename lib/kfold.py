@@ -536,8 +536,13 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
             figures(result, result.summary["task"], result.summary["label_names"], params["threshold"])
         return out
     stored = out / PARAMS_FILE
-    same = stored.exists() and json.loads(stored.read_text()) == _jsonable(params)
+    old = json.loads(stored.read_text()) if stored.exists() else {}
+    same = stored.exists() and old == _jsonable(params)
     if out.exists() and (force or not same):  # other (or unknown) parameters: start clean, never resume stale state
+        if (out / "metrics.json").exists():  # a finished run is replaced: say so, and what changed
+            changed = sorted(k for k in {*old, *_jsonable(params)} if old.get(k) != _jsonable(params).get(k))
+            print(f"[kfold] {out}: replacing a finished run ({'forced' if force else f'changed: {changed}'})",
+                  flush=True)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(_jsonable(params), indent=1))  # same parameters next time -> resume the folds

@@ -249,7 +249,7 @@ def test_predict_errors(image_models, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the stage entry point
 
 
-def test_ensure_kfold_is_idempotent_and_retrains_on_new_parameters(tmp_path: Path, monkeypatch) -> None:
+def test_ensure_kfold_is_idempotent_and_retrains_on_new_parameters(tmp_path: Path, monkeypatch, capsys) -> None:
     calls = []
 
     def fake_build(params, run_dir, profile, seed, label_source=None):
@@ -266,6 +266,7 @@ def test_ensure_kfold_is_idempotent_and_retrains_on_new_parameters(tmp_path: Pat
     assert len(calls) == 1, "a finished run with the same parameters is reused, not retrained"
     assert (out / "fold0" / "best.pt").stat().st_mtime_ns == stamp
     kfold.ensure_kfold(tmp_path, "smoke", SEED, **{**kw, "lr": 1e-3})
+    assert "replacing a finished run (changed: ['lr'])" in capsys.readouterr().out
     assert len(calls) == 2 and json.loads((out / "params.json").read_text())["lr"] == 1e-3
     log = pd.read_csv(out / "fold0" / "log.csv")
     assert log["lr"].iloc[0] == pytest.approx(1e-3), "retrained with the new parameters, not resumed from stale state"
