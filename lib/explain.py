@@ -461,12 +461,14 @@ def randomisation_study(explainer: Explainer, xs: Tensor, sample_ids: Sequence[s
     Returns the checks' rows with ``sample_id`` and ``method`` columns."""
     frames = []
     for method in methods:
-        trained: dict[int, np.ndarray] = {}
+        trained: dict[int, np.ndarray] = {}  # maps computed while choosing, reused as the check's reference
+        chosen: list[int] = []
         for i in range(len(xs)):
-            if sum(not is_zero_map(m) for m in trained.values()) == n_cases:
+            if len(chosen) == n_cases:
                 break
             trained[i] = explainer.map(xs[i:i + 1], method)[0]
-        chosen = [i for i, m in trained.items() if not is_zero_map(m)]
+            if not is_zero_map(trained[i]):
+                chosen.append(i)
         chosen += [i for i in range(len(xs)) if i not in chosen][:n_cases - len(chosen)]
         for i in chosen:
             res = randomisation_check(explainer, xs[i:i + 1], method, n_steps, seed, trained.get(i))
@@ -560,6 +562,12 @@ def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence
     return table, results
 
 
+def called_positive(table: pd.DataFrame, threshold: float = 0.5) -> pd.Series:
+    """Rows whose explained model calls the input positive (its own probability ``prob_start``): where deletion
+    is scored."""
+    return table["prob_start"] >= threshold
+
+
 def summarise(table: pd.DataFrame, by: Sequence[str] = ("method", "fold"), threshold: float = 0.5) -> pd.DataFrame:
     """Per method (and fold): pointing-game hit rate, mean energy inside, mean deletion AUC, counts of
     scored / lesion-free / all-zero maps. NaNs (no lesion, zero map) are left out of the means.
@@ -570,7 +578,7 @@ def summarise(table: pd.DataFrame, by: Sequence[str] = ("method", "fold"), thres
     curve starts near zero and can only measure whether the deleted patches *add* evidence (an artefact of the
     fill), which says nothing about the map. ``deletion_auc`` keeps every input.
     """
-    predicted = table["deletion_auc"].where(table["prob_start"] >= threshold)
+    predicted = table["deletion_auc"].where(called_positive(table, threshold))
     t = table.assign(fold=table["fold"].astype(str), deletion_auc_predicted=predicted)
     g = t.groupby(list(by), sort=False)
     out = g.agg(n=("sample_id", "size"), n_localised=("pointing", "count"), pointing=("pointing", "mean"),
@@ -848,7 +856,7 @@ def gain_intervals(table: pd.DataFrame, method: str = "gradcam", fold: str = "en
     t = table[table["fold"].astype(str) == fold].set_index("sample_id")
     own, rnd = t[t["method"] == method], t[t["method"] == "random"]
     paired = {"pointing_gain_ci": (own["pointing"] - rnd["pointing"]).dropna(),
-              "deletion_gain_ci": (rnd["deletion_auc"] - own["deletion_auc"])[own["prob_start"] >= threshold]}
+              "deletion_gain_ci": (rnd["deletion_auc"] - own["deletion_auc"])[called_positive(own, threshold)]}
     out = {}
     for key, diff in paired.items():
         if diff.empty:

@@ -535,17 +535,16 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
             result = load_result(out)
             figures(result, result.summary["task"], result.summary["label_names"], params["threshold"])
         return out
-    stored = out / PARAMS_FILE
-    old = json.loads(stored.read_text()) if stored.exists() else {}
-    same = stored.exists() and old == _jsonable(params)
-    if out.exists() and (force or not same):  # other (or unknown) parameters: start clean, never resume stale state
+    stored, new = out / PARAMS_FILE, _jsonable(params)
+    old = json.loads(stored.read_text()) if stored.exists() else None
+    if out.exists() and (force or old != new):  # other (or unknown) parameters: start clean, never resume stale state
         if (out / "metrics.json").exists():  # a finished run is replaced: say so, and what changed
-            changed = sorted(k for k in {*old, *_jsonable(params)} if old.get(k) != _jsonable(params).get(k))
+            changed = sorted(k for k in {*(old or {}), *new} if (old or {}).get(k) != new.get(k))
             print(f"[kfold] {out}: replacing a finished run ({'forced' if force else f'changed: {changed}'})",
                   flush=True)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(_jsonable(params), indent=1))  # same parameters next time -> resume the folds
+    stored.write_text(json.dumps(new, indent=1))  # same parameters next time -> resume the folds
     ds, group_col = build_stage_dataset(params, run_dir, profile, seed)
     eval_col = "truth" if "truth" in ds.table and ds.task == "binary" else None
     cfg = train_config(params, ds.task, seed, progress)

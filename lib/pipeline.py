@@ -172,7 +172,7 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
     info["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     (run_dir / "run.json").write_text(json.dumps(info, indent=1))
     merge_metrics(run_dir)
-    report = write_report(run_dir, sorted(set(executed)), info)
+    report = write_report(run_dir, sorted(executed), info)  # stage order, earlier attempts' stages included
     print(f"[pipeline] report: {report}")
     if failure:
         raise SystemExit(f"run {run_dir.name} failed at {nb.name}: {failure.ename}: {failure.evalue}; finish it with "
