@@ -3,13 +3,18 @@
 Why: clinicians send PNG/JPG, DICOM or NIfTI files and want probabilities back. The service reuses
 ``lib.imageio`` (the same ``preprocess`` as training) and the export folder written by ``lib.export``.
 Safety rules: it never opens a path sent by a client (uploads only), caps upload size (413), detects the
-type by content (415), answers malformed files with 400 and our own message, never logs or returns
-patient-identifying DICOM tags (nor client file names), and binds to 127.0.0.1 unless told otherwise.
+type by content (415, also for ambiguous polyglot files), answers malformed files with 400 and our own message,
+never logs or returns patient-identifying DICOM tags or element values (nor client file names), and binds to
+127.0.0.1 unless told otherwise. Decoding runs under ``SERVICE_LIMITS``: what a file declares (pixels, voxels,
+inflated bytes) is checked before it is decoded (413 when over), so one accepted upload costs about 0.5 GB at
+most, and at most ``max_decodes`` uploads are decoded at once. No upload can cause a 500: an unexpected decoder
+failure is a 400 naming only the error class.
 
 Run: ``python -m lib.serve --model outputs/runs/<run>/export/<name>`` then open http://127.0.0.1:8000/.
 ``--segmenter <lib.segment export>`` adds ``POST /segment`` (mask PNG); its preprocessing imports torch.
 One-off: ``python -m lib.serve --model <dir> --predict image.dcm series_folder/`` prints probabilities as JSON
-lines (``lib.serve.predict_proba(path)`` in Python).
+lines (``lib.serve.predict_proba(path)`` in Python); a bad file gets an ``error`` line (and a row in
+``--skipped``) and the batch goes on.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lib import imageio
-from lib.io import DataError
+from lib.io import DEFAULT_LIMITS, DataError, DataTooLargeError, DecodeLimits, SkippedCases, UnsupportedFormatError
 
 log = logging.getLogger("lib.serve")
 
@@ -39,6 +44,11 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_UPLOAD_MB = 20.0
 Upload = Annotated[UploadFile, File(description="PNG, JPG, DICOM or NIfTI image")]
 UPLOAD_NAME = "upload"  # what errors call an uploaded file: the client's file name may identify a patient
+# What one upload may declare: 25 M pixels per image (13 M for colour), 40 M values per volume, 256 MiB inflated.
+# The largest accepted uploads peak at about 0.5 GB above the service's baseline (tests/test_hostile_decoders.py
+# measures it); larger CT volumes are scored with --predict, under the library limits.
+SERVICE_LIMITS = DecodeLimits(max_pixels=25_000_000, max_voxels=40_000_000, max_bytes=256 << 20)
+DEFAULT_MAX_DECODES = 2  # uploads decoded at the same time; the others wait (memory = this x one upload)
 
 
 @dataclass
@@ -47,6 +57,7 @@ class Predictor:
 
     model_dir: Path
     threads: int = 1
+    limits: DecodeLimits | None = None  # decoding limits (None: the library defaults, for local files)
     metadata: dict = field(init=False)
     labels: list[str] = field(init=False)
 
@@ -81,20 +92,30 @@ class Predictor:
         Paths come from the command line or from the export's own sample, never from an HTTP client.
         """
         t0 = time.perf_counter()
-        if isinstance(src, str | Path) and Path(src).is_dir():
-            vol = imageio.read_dicom_series(src)
-            image = imageio.nifti_to_slices(np.asarray(vol.dataobj, dtype=np.float32), vol.affine)
-            info = {"type": "dicom-series", "shape": list(image.shape)}
-        else:
-            image, info = imageio.read_image_with_meta(src, frame=self.spec.get("frame"), name=name)
-        x = imageio.preprocess(image, self.spec, name=name or UPLOAD_NAME)
+        x, info = self.prepare(src, name)
+        return self.result(x, info, t0)
+
+    def result(self, x: np.ndarray, info: dict, t0: float) -> dict:
+        """Probabilities for one preprocessed input, with the input's type/shape/modality and the latency."""
         probs = self.predict_arrays(x[None])[0]
         top = int(np.argmax(probs))
         return {"probabilities": {k: float(p) for k, p in zip(self.labels, probs, strict=True)},
                 "label": self.labels[top], "probability": float(probs[top]),
                 "input": {"type": info["type"], "shape": info["shape"],
-                          **({"modality": info["dicom"].get("Modality")} if "dicom" in info else {})},
+                          **({"modality": info["dicom"].get("Modality", "?")} if "dicom" in info else {})},
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    def prepare(self, src: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, dict]:
+        """Decode (under ``self.limits``) and preprocess one image: the network input and the image's info."""
+        with imageio.use_limits(self.limits or imageio.current_limits()):
+            if isinstance(src, str | Path) and Path(src).is_dir():
+                vol = imageio.read_dicom_series(src)
+                image = imageio.nifti_to_slices(np.asarray(vol.dataobj, dtype=np.float32), vol.affine)
+                del vol
+                info = {"type": "dicom-series", "shape": list(image.shape)}
+            else:
+                image, info = imageio.read_image_with_meta(src, frame=self.spec.get("frame"), name=name)
+            return imageio.preprocess(image, self.spec, name=name or UPLOAD_NAME), info
 
     def sample_path(self) -> Path | None:
         sample = (self.metadata.get("sample") or {}).get("file")
@@ -171,17 +192,39 @@ def load_segmenter(export_dir: str | Path) -> tuple[Any, dict]:
     return segment.load_segmenter(Path(export_dir))
 
 
+def decode_error(exc: BaseException, what: str = "use") -> HTTPException:
+    """The HTTP answer for a file that could not be decoded: 413 too large, 415 not a type we read, else 400.
+
+    Only our own problem text (never an element value) is returned and logged; an unexpected exception is
+    named by its class alone, since library messages can quote file contents.
+    """
+    if isinstance(exc, DataError):
+        status = 413 if isinstance(exc, DataTooLargeError) else 415 if isinstance(exc, UnsupportedFormatError) else 400
+        log.info("rejected upload (%d): %s", status, exc.problem[:300])
+        return HTTPException(status, f"cannot {what} this image: {exc.problem}")
+    if isinstance(exc, MemoryError):
+        log.warning("upload needed more memory than available (MemoryError)")
+        return HTTPException(413, f"cannot {what} this image: too large to decode in the memory available")
+    log.warning("upload could not be decoded (%s)", type(exc).__name__)
+    return HTTPException(400, f"cannot {what} this image: the file could not be decoded ({type(exc).__name__})")
+
+
 def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, threads: int = 1,
-               segmenter_dir: str | Path | None = None):
+               segmenter_dir: str | Path | None = None, limits: DecodeLimits | None = None,
+               max_decodes: int = DEFAULT_MAX_DECODES, wait_s: float = 60.0):
     """The FastAPI app; a model that fails to load leaves the app up with ``/health`` saying why.
 
-    ``segmenter_dir`` (optional) adds a segmentation export for ``POST /segment``.
+    ``segmenter_dir`` (optional) adds a segmentation export for ``POST /segment``. ``limits`` (default
+    ``SERVICE_LIMITS``) caps what an upload may declare; ``max_decodes`` uploads are decoded at once, others
+    wait up to ``wait_s`` seconds (then 503), so memory stays bounded under concurrent uploads.
     """
+    limits = limits or SERVICE_LIMITS
     max_bytes = int(max_upload_mb * 1024 * 1024)
     max_body = max_bytes + 64 * 1024  # multipart headers and boundaries on top of the file itself
+    slots = threading.BoundedSemaphore(max(int(max_decodes), 1))
     state: dict[str, Any] = {"predictor": None, "error": None}
     try:
-        state["predictor"] = Predictor(Path(model_dir), threads=threads) if model_dir else None
+        state["predictor"] = Predictor(Path(model_dir), threads=threads, limits=limits) if model_dir else None
         if model_dir is None:
             state["error"] = "no model directory given"
     except (DataError, OSError, ValueError, RuntimeError) as exc:
@@ -195,8 +238,7 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
         except (DataError, OSError, ValueError, RuntimeError) as exc:
             seg["error"] = str(exc)
             log.error("segmentation model not loaded: %s", exc)
-    # pydicom's validation warnings can quote element values (names, dates): keep them out of server logs.
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    quiet_pydicom_warnings()
     lock = threading.Lock()
     stats = {"requests": 0}
 
@@ -226,17 +268,29 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
             raise HTTPException(413, f"upload larger than {max_upload_mb:g} MB")
         if not data:
             raise HTTPException(400, "empty upload")
-        if imageio.sniff_type(data) is None:
-            raise HTTPException(415, "unsupported file type (detected by content; expected PNG, JPEG, TIFF, "
-                                     "BMP, DICOM or NIfTI)")
+        try:
+            imageio.detect_type(data, UPLOAD_NAME)
+        except UnsupportedFormatError as exc:  # decided by content, never by the client's name or type
+            raise HTTPException(415, exc.problem) from exc
+        except DataError as exc:
+            raise decode_error(exc) from exc
         return data
 
+    def take_slot() -> None:
+        if not slots.acquire(timeout=wait_s):
+            raise HTTPException(503, "the service is busy decoding other uploads; try again")
+
     def score(data: bytes) -> dict:
+        p = predictor()
+        take_slot()
+        t0 = time.perf_counter()
         try:
-            out = predictor().predict_source(data, name=UPLOAD_NAME)
-        except DataError as exc:
-            log.info("rejected upload: %s", exc.problem)
-            raise HTTPException(400, f"cannot use this image: {exc.problem}") from exc
+            x, info = p.prepare(data, name=UPLOAD_NAME)
+        except Exception as exc:  # no upload may cause a 500: every decoding failure is a 4xx
+            raise decode_error(exc) from None
+        finally:
+            slots.release()
+        out = p.result(x, info, t0)
         with lock:
             stats["requests"] += 1
         log.info("scored %s %s in %.1f ms", out["input"]["type"], out["input"]["shape"], out["latency_ms"])
@@ -301,12 +355,14 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
         data = read_upload(file)
         from lib import segment
 
+        take_slot()
         try:
-            mask, area = segment.segment_source(seg["session"], data, name=UPLOAD_NAME)
-        except (DataError, ValueError) as exc:
-            problem = exc.problem if isinstance(exc, DataError) else str(exc)
-            log.info("rejected segmentation upload: %s", problem)
-            raise HTTPException(400, f"cannot segment this image: {problem}") from exc
+            with imageio.use_limits(limits):
+                mask, area = segment.segment_source(seg["session"], data, name=UPLOAD_NAME)
+        except Exception as exc:  # no upload may cause a 500: every decoding failure is a 4xx
+            raise decode_error(exc, "segment") from None
+        finally:
+            slots.release()
         log.info("segmented %s: %d pixels", list(mask.shape), area["pixels"])
         if output == "json":
             return JSONResponse({"shape": list(mask.shape), "area": area,
@@ -332,31 +388,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--segmenter", default=None, help="optional segmentation export (lib.segment.export_onnx) for "
                     "POST /segment; its preprocessing code imports torch")
     ap.add_argument("--predict", nargs="+", metavar="IMAGE", help="score these local files (or DICOM series "
-                    "folders), print one JSON line each, exit")
+                    "folders), print one JSON line each (an error line for a bad file, then go on), exit")
+    ap.add_argument("--skipped", default=None, metavar="CSV", help="with --predict: write the files that could not "
+                    "be scored (file, reason) to this CSV")
+    ap.add_argument("--max-pixels", type=int, default=None, help="largest image/frame/slice (width x height) a "
+                    f"file may declare (serving: {SERVICE_LIMITS.max_pixels:,}; --predict: "
+                    f"{DEFAULT_LIMITS.max_pixels:,})")
+    ap.add_argument("--max-voxels", type=int, default=None, help="most values one decoded array may hold "
+                    f"(serving: {SERVICE_LIMITS.max_voxels:,}; --predict: {DEFAULT_LIMITS.max_voxels:,})")
+    ap.add_argument("--max-decoded-mb", type=float, default=None, help="most bytes a file may inflate to or declare "
+                    f"(serving: {SERVICE_LIMITS.max_bytes >> 20}; --predict: {DEFAULT_LIMITS.max_bytes >> 20})")
+    ap.add_argument("--max-decodes", type=int, default=DEFAULT_MAX_DECODES, help="uploads decoded at the same time")
     args = ap.parse_args(argv)
     if args.model is None and not args.predict:
         ap.error("--model is required to serve")
     return args
 
 
+def limits_from_args(args: argparse.Namespace, base: DecodeLimits) -> DecodeLimits:
+    """``base`` with any ``--max-pixels/--max-voxels/--max-decoded-mb`` given on the command line."""
+    return DecodeLimits(max_pixels=args.max_pixels or base.max_pixels, max_voxels=args.max_voxels or base.max_voxels,
+                        max_bytes=int(args.max_decoded_mb * (1 << 20)) if args.max_decoded_mb else base.max_bytes)
+
+
+def quiet_pydicom_warnings() -> None:
+    """pydicom's validation warnings quote element values (names, dates): keep them out of logs and stderr."""
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+def predict_files(pred: Predictor, paths: list[str], skipped: SkippedCases | None = None) -> int:
+    """Score local files, one JSON line each; a file that fails gets an ``error`` line and the batch goes on.
+
+    Returns how many files failed (each also recorded in ``skipped``).
+    """
+    skipped = SkippedCases() if skipped is None else skipped
+    failed = 0
+    for path in paths:
+        try:
+            out = {"file": path, **pred.predict_source(Path(path))}
+        except Exception as exc:  # any failure is this file's, not the batch's
+            problem = exc.problem if isinstance(exc, DataError) else f"could not be scored ({type(exc).__name__})"
+            skipped.add(Path(path).name, problem, stage="predict", path=path)
+            out, failed = {"file": path, "error": problem}, failed + 1
+        print(json.dumps(out), flush=True)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_pydicom_warnings()
     if args.predict:
-        pred = Predictor(Path(args.model) if args.model else latest_export(), threads=args.threads)
-        status = 0
-        for path in args.predict:
-            try:
-                out = {"file": path, **pred.predict_source(Path(path))}
-            except DataError as exc:
-                out, status = {"file": path, "error": exc.problem}, 1
-            print(json.dumps(out))
-        return status
+        pred = Predictor(Path(args.model) if args.model else latest_export(), threads=args.threads,
+                         limits=limits_from_args(args, DEFAULT_LIMITS))
+        skipped = SkippedCases()
+        failed = predict_files(pred, args.predict, skipped)
+        if failed:
+            log.warning("%d of %d file(s) could not be scored", failed, len(args.predict))
+        if args.skipped:
+            skipped.save(args.skipped)
+        return 1 if failed else 0
     import uvicorn
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service is reachable from other machines", args.host)
-    app = create_app(args.model, args.max_upload_mb, args.threads, segmenter_dir=args.segmenter)
+    app = create_app(args.model, args.max_upload_mb, args.threads, segmenter_dir=args.segmenter,
+                     limits=limits_from_args(args, SERVICE_LIMITS), max_decodes=args.max_decodes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -71,3 +71,31 @@ def test_skipped_cases_table(tmp_path):
     assert list(df.columns) == ["case", "stage", "file", "reason"] and len(skipped) == 2
     assert df.iloc[0].file == "/x/ct.nii.gz" and df.iloc[1].reason == "empty mask for liver"
     assert skipped.save(tmp_path / "skipped.csv").exists()
+
+
+def test_header_checks_accept_qform_only_and_pixdim_only(tmp_path):
+    """Valid orientations other than an sform are read, not refused: qform only, and pixdim only (no codes)."""
+    from lib import imageio
+
+    data = np.arange(8 * 6 * 4, dtype=np.int16).reshape(8, 6, 4)
+    qform = nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0]))
+    qform.header.set_sform(None, code=0)
+    nib.save(qform, tmp_path / "q.nii.gz")
+    bare = nib.Nifti1Image(data, None)
+    bare.header.set_zooms((2.0, 2.0, 3.0))
+    nib.save(bare, tmp_path / "bare.nii.gz")
+    for name in ("q.nii.gz", "bare.nii.gz"):
+        img = load_nifti(tmp_path / name)
+        assert img.shape == (8, 6, 4) and abs(np.linalg.det(img.affine[:3, :3])) == pytest.approx(12.0)
+        assert imageio.read_image(tmp_path / name).shape == (4, 6, 8)
+
+
+def test_decode_limits_name_the_declared_size():
+    from lib.io import DataTooLargeError, DecodeLimits
+
+    limits = DecodeLimits(max_pixels=100, max_voxels=1000, max_bytes=1 << 20)
+    limits.check("a.png", pixels=100, voxels=1000, nbytes=1 << 20)
+    with pytest.raises(DataTooLargeError, match=r"a.png: PNG declares 101 pixels per image, above the limit of 100"):
+        limits.check("a.png", pixels=101, what="PNG")
+    with pytest.raises(DataTooLargeError, match=r"2.0 MiB of data, above the limit of 1.0 MiB"):
+        limits.check("v.nii", nbytes=2 << 20)
