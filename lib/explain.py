@@ -189,6 +189,20 @@ class Explainer:
         if self.stride is not None and not 1 <= self.stride <= self.mask_size:
             raise ValueError(f"stride must be in [1, mask_size={self.mask_size}], got {self.stride}")
 
+    def __getstate__(self) -> dict:
+        """Picklable for worker processes: MONAI's CAM objects (hook closures) stay behind and are rebuilt on
+        first use; a model that already carries their hooks travels as a clean copy."""
+        state = dict(self.__dict__)
+        state["_cams"] = {k: v for k, v in self._cams.items() if isinstance(v, str)}
+        if len(state["_cams"]) < len(self._cams):
+            model = copy.deepcopy(self.model)
+            for mod in model.modules():
+                for hooks in (mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks,
+                              mod._backward_pre_hooks):
+                    hooks.clear()
+            state["model"] = model
+        return state
+
     def prob(self, x: Tensor) -> np.ndarray:
         """Probability of ``class_idx`` for a batch ``(B, C, H, W)``."""
         with torch.no_grad():
@@ -553,11 +567,41 @@ def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray 
     return CaseResult(sample_id, x[0].detach().cpu().numpy(), lesion, p, maps, rows, curves)
 
 
+def _explain_cases(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence[np.ndarray | None],
+                   sample_ids: Sequence[str], threads: int, kw: dict) -> list[CaseResult]:
+    """``explain_case`` for a share of the cases (runs in a worker process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return [explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw) for i in range(len(xs))]
+
+
 def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence[np.ndarray | None],
-                  sample_ids: Sequence[str], progress: bool = True, **kw) -> tuple[pd.DataFrame, list[CaseResult]]:
-    """``explain_case`` over many images with a progress bar; returns (metrics table, per-case results)."""
-    results = [explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw)
-               for i in tqdm(range(len(xs)), desc="explain", disable=not progress)]
+                  sample_ids: Sequence[str], progress: bool = True, workers: int | None = None,
+                  **kw) -> tuple[pd.DataFrame, list[CaseResult]]:
+    """``explain_case`` over many images; returns (metrics table, per-case results in input order).
+
+    Cases are independent, so they are shared out to ``workers`` processes (default: one per granted
+    core, ``lib.resources.workers``) in interleaved chunks; every case is seeded by its own arguments, so the numbers do
+    not depend on the number of workers.
+    """
+    from lib import resources
+
+    n = len(xs)
+    workers = resources.workers(limit=n) if workers is None else min(workers, n)
+    if workers <= 1 or next(explainers[0].model.parameters()).is_cuda:
+        results = [explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw)
+                   for i in tqdm(range(n), desc="explain", disable=not progress)]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        shares = [list(range(w, n, workers)) for w in range(workers)]
+        threads = resources.threads_per_worker(workers)
+        with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.explain")) as pool:
+            futures = [pool.submit(_explain_cases, list(explainers), xs[idx], [lesions[i] for i in idx],
+                                   [sample_ids[i] for i in idx], threads, kw) for idx in shares]
+            by_index = {i: r for idx, f in zip(shares, futures, strict=True) for i, r in zip(idx, f.result(),
+                                                                                           strict=True)}
+        results = [by_index[i] for i in range(n)]
     table = pd.DataFrame([r for res in results for r in res.rows])
     return table, results
 

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lib import config, metrics, models, splits, train
+from lib import config, metrics, models, resources, splits, train
 from lib.datasets import CachedDataset
 from lib.io import DataError, SkippedCases
 
@@ -124,18 +124,48 @@ def train_one(ds: CachedDataset, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir
                                   pretrained, model_kwargs, bn_momentum=bn_momentum)
 
 
+def _fold_job(ds: CachedDataset, k: int, tr_idx: np.ndarray, va_idx: np.ndarray, test_idx: np.ndarray,
+              out_dir: Path, cfg: train.TrainConfig, kwargs: dict,
+              threads: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None]:
+    """Train fold ``k`` and predict its validation rows and the test part (runs in a worker process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, log = train_one(ds, tr_idx, va_idx, out_dir / f"fold{k}", replace(cfg, seed=cfg.seed + k), **kwargs)
+    p = predict_probs(model, ds.x[va_idx], ds.task)
+    return log, p, predict_probs(model, ds.x[test_idx], ds.task) if len(test_idx) else None
+
+
+def _train_folds(ds: CachedDataset, jobs: list[tuple[int, np.ndarray, np.ndarray]], test_idx: np.ndarray,
+                 out_dir: Path, cfg: train.TrainConfig, kwargs: dict, workers: int | None = None) -> list[tuple]:
+    """Every fold's ``_fold_job``: in this process when one worker is asked for (or a GPU trains), else in a
+    process pool so every granted core trains a fold (small CPU models use one core poorly)."""
+    workers = resources.workers(limit=len(jobs)) if workers is None else min(workers, len(jobs))
+    if workers <= 1 or config.device(cfg.device).type == "cuda":
+        return [_fold_job(ds, k, tr, va, test_idx, out_dir, cfg, kwargs, 0) for k, tr, va in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = resources.threads_per_worker(workers)
+    ds = replace(ds, skipped=SkippedCases())  # the skip records stay here; workers need the tensors only
+    with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.kfold")) as pool:
+        futures = [pool.submit(_fold_job, ds, k, tr, va, test_idx, out_dir, cfg, kwargs, threads)
+                   for k, tr, va in jobs]
+        return [f.result() for f in futures]
+
+
 def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, model_name: str = models.DEFAULT_MODEL,
               group_col: str = "patient_id", n_splits: int = 5, test_fraction: float = 0.2, augment: str = "light",
               batch_size: int = 32, eval_col: str | None = None, uncertain: str = "ignore", pretrained: bool = False,
               threshold: float = 0.5, n_boot: int = 1000, folds: pd.Series | None = None,
               model_kwargs: dict | None = None, train_mask: np.ndarray | None = None,
-              bn_momentum: float | None = None) -> KFoldResult:
+              bn_momentum: float | None = None, workers: int | None = None) -> KFoldResult:
     """Train one model per fold (``out_dir/fold<k>/best.pt``), predict its validation fold and the test part.
 
     ``eval_col`` names a table column with the labels to score against (e.g. ``truth`` on the synthetic
     cohort while training on report labels); default = the training labels. ``train_mask`` (bool per row)
     keeps rows out of training (no usable training label) while they are still predicted and scored out of
-    fold. Writes ``oof.csv``,
+    fold. Folds train in ``workers`` processes at once (default: one per granted core), each
+    with an equal share of the torch threads; a fold's numbers do not depend on which process trained it.
+    Writes ``oof.csv``,
     ``test_predictions.csv``, ``metrics.json``, ``ensembles.csv`` and ``logs.csv``.
     """
     out_dir = Path(out_dir)
@@ -150,20 +180,23 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
     splits.check_leakage(folds, ds.table[group_col].reset_index(drop=True))  # fails the run if a group crosses
     names = ds.label_names
     test_idx = np.flatnonzero(folds == -1)
-    oof_parts, logs, ckpts, test_probs = [], [], [], {}
+    jobs = []
     for k in range(n_splits):
         tr_idx, va_idx = np.flatnonzero((folds != k) & (folds >= 0)), np.flatnonzero(folds == k)
         if train_mask is not None:
             tr_idx = tr_idx[np.asarray(train_mask, dtype=bool)[tr_idx]]
-        model, log = train_one(ds, tr_idx, va_idx, out_dir / f"fold{k}", replace(cfg, seed=cfg.seed + k), model_name,
-                               augment, batch_size, uncertain, pretrained, model_kwargs, bn_momentum)
+        jobs.append((k, tr_idx, va_idx))
+    kwargs = {"model_name": model_name, "augment": augment, "batch_size": batch_size, "uncertain": uncertain,
+              "pretrained": pretrained, "model_kwargs": model_kwargs, "bn_momentum": bn_momentum}
+    done = _train_folds(ds, jobs, test_idx, out_dir, cfg, kwargs, workers)
+    oof_parts, logs, ckpts, test_probs = [], [], [], {}
+    for (k, _, va_idx), (log, p, p_test) in zip(jobs, done, strict=True):
         logs.append(log.assign(fold=k))
         ckpts.append(out_dir / f"fold{k}" / "best.pt")
-        p = predict_probs(model, ds.x[va_idx], ds.task)
         extra = {"fold": np.full(len(va_idx), k), "row": va_idx, "group": ds.table[group_col].to_numpy()[va_idx]}
         oof_parts.append(metrics.oof_frame(_truth(ds, va_idx, eval_col), p, ds.task, names, **extra))
-        if len(test_idx):
-            test_probs[f"fold{k}"] = predict_probs(model, ds.x[test_idx], ds.task)
+        if p_test is not None:
+            test_probs[f"fold{k}"] = p_test
     oof = pd.concat(oof_parts, ignore_index=True)
     oof = _with_ids(oof, ds)
     summary = metrics.per_fold(oof, ds.task, names, threshold=threshold, group_col="group", n_boot=n_boot,
@@ -290,34 +323,45 @@ def figures(result: KFoldResult, task: str, label_names: list[str], threshold: f
     return out
 
 
-def label_noise_study(ds_reports: CachedDataset, ds_truth: CachedDataset, out_dir: str | Path,
-                      cfg: train.TrainConfig, folds: pd.Series | np.ndarray | None = None,
-                      **kw) -> tuple[pd.DataFrame, dict[str, KFoldResult]]:
-    """The same model, rows and folds trained on report-derived vs ground-truth labels, both scored on the truth.
+def report_arm(ds_reports: CachedDataset, ds_truth: CachedDataset) -> tuple[CachedDataset, np.ndarray]:
+    """Every crop with a ground-truth label (``ds_truth``'s rows and inputs) carrying its report label as the
+    training target (matched on case_id, structure), and the mask of rows with a usable report label.
 
-    Rows are the crops with a ground-truth label (``ds_truth``); the report arm takes each row's training label
-    from ``ds_reports`` (matched on case_id, structure) and does not train on rows the reports leave blank or
-    uncertain (under the dataset's policy) -- they are still predicted and scored. So the AUC difference counts
-    both costs of learning from text: wrong labels and missing ones.
+    Rows the reports leave blank or uncertain (under the dataset's policy) are NaN: not trained on, still
+    predicted and scored against the truth, so a score on this dataset counts both costs of learning from
+    text, wrong labels and missing ones.
     """
     key = ["case_id", "structure"]
     report_target = ds_reports.table.drop_duplicates(key).set_index(key)["target"] \
         .reindex(ds_truth.table.set_index(key).index).to_numpy(dtype=float)
     usable = ~np.isnan(report_target)
     if not usable.any():
-        raise ValueError("label-noise study: no crop has a usable report label")
-    table_r = ds_truth.table.assign(target=report_target)
+        raise ValueError("no crop has a usable report label")
     y_r = torch.from_numpy(report_target.astype(np.float32)).reshape(ds_truth.y.shape)
-    ds_r = CachedDataset(ds_truth.x, y_r, table_r, ds_truth.label_names, ds_truth.task, ds_truth.transform,
-                         ds_truth.preprocessing)
+    return replace(ds_truth, y=y_r, table=ds_truth.table.assign(target=report_target)), usable
+
+
+def label_noise_study(ds_reports: CachedDataset, ds_truth: CachedDataset, out_dir: str | Path,
+                      cfg: train.TrainConfig, folds: pd.Series | np.ndarray | None = None,
+                      reports_result: KFoldResult | None = None, **kw) -> tuple[pd.DataFrame, dict[str, KFoldResult]]:
+    """The same model, rows and folds trained on report-derived vs ground-truth labels, both scored on the truth.
+
+    The report arm is ``report_arm``: it does not train on rows without a usable report label. So the AUC
+    difference counts both costs of learning from text: wrong labels and missing ones. ``reports_result``:
+    that arm already trained (stage 04's synthetic run is exactly it), so only the truth arm is trained here.
+    """
+    ds_r, usable = report_arm(ds_reports, ds_truth)
     if folds is None:
         folds = assign_folds(ds_truth, kw.get("group_col", "patient_id"), kw.get("n_splits", 5),
                              kw.get("test_fraction", 0.2), cfg.seed, eval_col="truth")
     out_dir = Path(out_dir)
-    results = {"reports": run_kfold(ds_r, out_dir / "reports", cfg, folds=folds, eval_col="truth",
-                                    train_mask=usable, **kw),
+    if reports_result is None:
+        reports_result = run_kfold(ds_r, out_dir / "reports", cfg, folds=folds, eval_col="truth", train_mask=usable,
+                                   **kw)
+    results = {"reports": reports_result,
                "truth": run_kfold(ds_truth, out_dir / "truth", cfg, folds=folds, eval_col="truth", **kw)}
     truth = ds_truth.table["truth"].to_numpy(dtype=float)
+    report_target = ds_r.table["target"].to_numpy(dtype=float)
     wrong = int((report_target[usable] != truth[usable]).sum())
     table = noise_table(results).assign(
         n_rows=len(truth), n_report_labels=[int(usable.sum()), len(truth)],
@@ -422,10 +466,10 @@ PARAMS_FILE = "params.json"
 # notebooks/profiles/04_kfold.yaml overrides them per profile, so notebooks 05/07 calling ``ensure_kfold``
 # standalone get the same models notebook 04 would have trained.
 STAGE_DEFAULTS: dict = {
-    "dataset": "synthetic-ct", "label_source": "reports", "lang": "ja", "organ": None,
-    "label_cols": "{organ}_abnormal", "input_kind": "slab", "n_slices": 4, "image_size": 32, "mask_mode": "none",
-    "channels": 1, "model_name": models.DEFAULT_MODEL, "pretrained": False, "n_splits": 3, "test_fraction": 0.2,
-    "epochs": 1, "batch_size": 32, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine", "patience": 0,
+    "dataset": "synthetic-ct", "label_source": "reports", "lang": "ja", "organ": "liver",
+    "label_cols": ["liver_fatty"], "input_kind": "slab", "n_slices": 4, "image_size": 32, "mask_mode": "multiply",
+    "channels": 1, "model_name": "mil:resnet10t", "pretrained": False, "n_splits": 3, "test_fraction": 0.2,
+    "epochs": 10, "batch_size": 8, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine", "patience": 0,
     "augment": "light", "uncertain": "ignore", "threshold": 0.5, "n_boot": 200, "bn_momentum": 0.5,
     "model_kwargs": {}, "ema_decay": 0.0, "select": "last",
 }
@@ -547,8 +591,12 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
     stored.write_text(json.dumps(new, indent=1))  # same parameters next time -> resume the folds
     ds, group_col = build_stage_dataset(params, run_dir, profile, seed)
     eval_col = "truth" if "truth" in ds.table and ds.task == "binary" else None
+    train_mask = None
+    if eval_col and params["label_source"] == "reports":  # synthetic cohort: every crop scored against the truth
+        ds_truth, _ = build_stage_dataset(params, run_dir, profile, seed, label_source="truth")
+        ds, train_mask = report_arm(ds, ds_truth)
     cfg = train_config(params, ds.task, seed, progress)
-    result = run_kfold(ds, out, cfg, eval_col=eval_col, **_run_kwargs(params, group_col))
+    result = run_kfold(ds, out, cfg, eval_col=eval_col, train_mask=train_mask, **_run_kwargs(params, group_col))
     figures(result, ds.task, ds.label_names, params["threshold"])
     return out
 
@@ -581,10 +629,14 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
     params = {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile}
     if params["dataset"] != "synthetic-ct":
         raise ValueError("the label-noise study needs the synthetic cohort (dataset='synthetic-ct'): it has the truth")
-    noise_dir = run_dir / "kfold" / name / "label_noise"
+    main_dir = run_dir / "kfold" / name
+    noise_dir = main_dir / "label_noise"
     table_path, pfile = noise_dir / "label_noise.csv", noise_dir / PARAMS_FILE
+    # stage 04's own run is the report arm when the study trains the same model on the same inputs
+    reuse = params["label_source"] == "reports" and is_complete(main_dir, params)
     if table_path.exists() and pfile.exists() and json.loads(pfile.read_text()) == _jsonable(params):
-        return pd.read_csv(table_path), {k: load_result(noise_dir / k) for k in ("reports", "truth")}
+        reports_dir = noise_dir / "reports" if (noise_dir / "reports").exists() else main_dir
+        return pd.read_csv(table_path), {"reports": load_result(reports_dir), "truth": load_result(noise_dir / "truth")}
     if noise_dir.exists():
         import shutil
 
@@ -592,7 +644,12 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
     ds_r, group_col = build_stage_dataset(params, run_dir, profile, seed, label_source="reports")
     ds_t, _ = build_stage_dataset(params, run_dir, profile, seed, label_source="truth")
     cfg = train_config(params, ds_t.task, seed)
-    table, results = label_noise_study(ds_r, ds_t, noise_dir, cfg, **_run_kwargs(params, group_col))
+    reports, folds = None, None
+    if reuse:  # its folds too: the truth arm must train on exactly the same split
+        reports = load_result(main_dir)
+        folds = pd.read_csv(main_dir / "folds.csv")["fold"].to_numpy()
+    table, results = label_noise_study(ds_r, ds_t, noise_dir, cfg, folds=folds, reports_result=reports,
+                                       **_run_kwargs(params, group_col))
     pfile.write_text(json.dumps(_jsonable(params), indent=1))  # written last: marks the study complete
     return table, results
 

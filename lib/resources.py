@@ -66,3 +66,16 @@ def thread_env(n: int) -> dict[str, str]:
     """
     n = max(1, int(n))
     return {**dict.fromkeys(THREAD_VARIABLES, str(n)), "MEDNB_THREADS": str(n)}
+
+
+def pool_context(*preload: str):  # noqa: ANN201 (multiprocessing context)
+    """Process-pool start method for per-case work: forkserver (never forks a notebook kernel's threads) with
+    ``preload`` modules imported once, so workers start in milliseconds; spawn where forkserver is missing."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    if preload:
+        ctx.set_forkserver_preload(list(preload))
+    return ctx

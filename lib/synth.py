@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from lib import config
+from lib import config, resources
 
 # Organ -> findings. Column names everywhere are f"{organ}_{finding}"; the report vocabulary uses the
 # same keys. "kidney" covers both kidneys (masks kidney_left / kidney_right).
@@ -83,8 +83,11 @@ class CohortSpec:
 
 
 PROFILES: dict[str, CohortSpec] = {
-    "smoke": CohortSpec(n_patients=10, max_studies_per_patient=2, spacing_xy_mm=(7.0, 8.0),
-                        spacing_z_mm=(8.0, 10.0), name="smoke"),
+    # smoke: coarse voxels so every notebook runs in seconds, with one learnable target (liver lesions at 3x contrast
+    # and 2.5x size, cysts in ~half the studies) so CI notices a model that stops learning
+    "smoke": CohortSpec(n_patients=24, max_studies_per_patient=2, spacing_xy_mm=(7.0, 8.0),
+                        spacing_z_mm=(8.0, 10.0), lesion_contrast=3.0, lesion_size=2.5, name="smoke",
+                        prevalence={**PREVALENCE, "liver_cyst": 0.45, "liver_fatty": 0.5}),
     # demo: enough studies (~290) for from-scratch CNNs to learn focal lesions; contrast 1.8 puts lesion-to-liver
     # differences at portal-venous-phase levels (the base HU table is closer to unenhanced CT).
     "demo": CohortSpec(n_patients=150, lesion_contrast=1.8, lesion_size=1.6, name="demo"),
@@ -332,36 +335,58 @@ def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # write through an uncompressed buffer + fixed gzip mtime so bytes are identical for a seed
+    # write through an uncompressed buffer + fixed gzip mtime so bytes are identical for a seed; level 1:
+    # noise-filled CT barely compresses further at 9 (+3 % size) and 9 costs 5x the time
     import gzip
 
     raw = img.to_bytes()
-    with open(path, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+    with open(path, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="", compresslevel=1) as gz:
         gz.write(raw)
 
 
 # ----------------------------------------------------------------------------- reports (text lives in synth_text)
 
 
-def generate_cohort(spec: CohortSpec, out: Path) -> Path:
-    """Write the whole cohort to ``out`` (deterministic: same spec, same bytes)."""
+def _write_study(spec: CohortSpec, study: pd.Series, out: Path) -> tuple[dict, list[dict]]:
+    """Render one study and write its three NIfTI files; returns its ``studies.csv`` row and lesion records.
+
+    Each study draws from its own random streams (``_rng``), so studies render in any order or process
+    and the cohort is byte-identical for a seed whatever the number of workers.
+    """
+    hu, labels, les, affine, recs = render_study(spec, study)
+    paths = {k: f"{k}/{study.study_id}.nii.gz" for k in ("ct", "seg", "lesions")}
+    _save_nifti(hu, affine, out / paths["ct"])
+    _save_nifti(labels, affine, out / paths["seg"])
+    _save_nifti(les, affine, out / paths["lesions"])
+    row = {"study_id": study.study_id, "patient_id": study.patient_id, "study_date": study.study_date,
+           "sex": study.sex, "age": study.age, "ct_path": paths["ct"], "seg_path": paths["seg"],
+           "lesion_path": paths["lesions"], "shape": "x".join(map(str, hu.shape)),
+           "spacing_mm": "x".join(f"{v:.3f}" for v in np.abs(np.diag(affine))[:3])}
+    return row, recs
+
+
+def generate_cohort(spec: CohortSpec, out: Path, workers: int | None = None) -> Path:
+    """Write the whole cohort to ``out`` (deterministic: same spec, same bytes, any ``workers``).
+
+    Studies render in a process pool of ``workers`` (default: the cores granted, ``lib.resources.workers``).
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
     from lib.synth_text import write_reports
 
     out = Path(out)
     studies = draw_patients(spec)
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
-    rows, lesions = [], []
-    for _, st in studies.iterrows():
-        hu, labels, les, affine, recs = render_study(spec, st)
-        paths = {k: f"{k}/{st.study_id}.nii.gz" for k in ("ct", "seg", "lesions")}
-        _save_nifti(hu, affine, out / paths["ct"])
-        _save_nifti(labels, affine, out / paths["seg"])
-        _save_nifti(les, affine, out / paths["lesions"])
-        lesions.extend(recs)
-        rows.append({"study_id": st.study_id, "patient_id": st.patient_id, "study_date": st.study_date,
-                     "sex": st.sex, "age": st.age, "ct_path": paths["ct"], "seg_path": paths["seg"],
-                     "lesion_path": paths["lesions"], "shape": "x".join(map(str, hu.shape)),
-                     "spacing_mm": "x".join(f"{v:.3f}" for v in np.abs(np.diag(affine))[:3])})
+    records = [st for _, st in studies.iterrows()]
+    workers = resources.workers(limit=len(records)) if workers is None else min(workers, len(records))
+    if workers <= 1:
+        done = [_write_study(spec, st, out) for st in records]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.synth")) as pool:
+            done = list(pool.map(_write_study, [spec] * len(records), records, [out] * len(records),
+                                 chunksize=4))
+    rows = [row for row, _ in done]
+    lesions = [rec for _, recs in done for rec in recs]
     pd.DataFrame(rows).to_csv(out / "studies.csv", index=False)
     gt_cols = ["study_id", "patient_id"] + LABEL_COLUMNS + ABNORMAL_COLUMNS
     studies[gt_cols].to_csv(out / "ground_truth" / "labels.csv", index=False)
@@ -393,4 +418,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lib.synth import main as _main  # the importable module, so worker processes unpickle lib.synth's functions
+
+    _main()

@@ -174,6 +174,40 @@ def test_label_noise_study_same_rows_and_folds_both_sources(tiny_run, tmp_path: 
     assert kfold.plot_label_noise(table) is not None
 
 
+def test_folds_trained_in_worker_processes_match_one_process(tmp_path: Path) -> None:
+    ds = _dataset(n_patients=18)
+    kw = {"n_splits": 3, "test_fraction": 0.2, "eval_col": "truth", "n_boot": 20, "batch_size": 16}
+    one = kfold.run_kfold(ds, tmp_path / "one", _cfg(epochs=2), MODEL, workers=1, **kw)
+    two = kfold.run_kfold(ds, tmp_path / "two", _cfg(epochs=2), MODEL, workers=2, **kw)
+    pd.testing.assert_frame_equal(one.oof, two.oof)
+    pd.testing.assert_frame_equal(one.test, two.test)
+    assert one.summary["pooled"] == two.summary["pooled"]
+
+
+def test_label_noise_study_reuses_the_stage_run_as_its_report_arm(tmp_path: Path, monkeypatch) -> None:
+    ds = _dataset(n_patients=15)
+    blank = np.flatnonzero(ds.table["patient_id"] == "P03")
+    reports = ds.subset(np.setdiff1d(np.arange(len(ds)), blank))
+    builds = []
+
+    def fake_build(params, run_dir, profile, seed, label_source=None):
+        builds.append(label_source)
+        return (ds if label_source == "truth" else reports), "patient_id"
+
+    monkeypatch.setattr(kfold, "build_stage_dataset", fake_build)
+    kw = {"n_splits": 2, "test_fraction": 0, "epochs": 1, "n_boot": 20, "batch_size": 16, "model_name": MODEL}
+    out = kfold.ensure_kfold(tmp_path, "smoke", SEED, **kw)
+    main = kfold.load_result(out)
+    assert len(main.oof) == len(ds), "every crop with a ground truth is scored, also those the reports leave blank"
+    table, results = kfold.ensure_label_noise(tmp_path, "smoke", SEED, **kw)
+    assert not (out / "label_noise" / "reports").exists(), "the report arm is the stage run, not trained again"
+    pd.testing.assert_frame_equal(results["reports"].oof, main.oof)
+    assert (results["truth"].oof["fold"].to_numpy() == main.oof["fold"].to_numpy()).all()
+    assert table["n_missing_labels"].tolist() == [len(blank), 0]
+    again, _ = kfold.ensure_label_noise(tmp_path, "smoke", SEED, **kw)
+    pd.testing.assert_frame_equal(again, table)
+
+
 # ----------------------------------------------------------------------------- predict / merge
 
 
@@ -253,7 +287,8 @@ def test_ensure_kfold_is_idempotent_and_retrains_on_new_parameters(tmp_path: Pat
     calls = []
 
     def fake_build(params, run_dir, profile, seed, label_source=None):
-        calls.append(params["lr"])
+        if label_source != "truth":  # the truth dataset rides along on the synthetic cohort
+            calls.append(params["lr"])
         return _dataset(n_patients=12), "patient_id"
 
     monkeypatch.setattr(kfold, "build_stage_dataset", fake_build)
