@@ -361,29 +361,78 @@ def world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
 
 def parse_class_map(raw: dict, task: str = "total") -> dict[int, str]:
     """{label: name} from {"1": "spleen"}, TotalSegmentator's {"total": {...}}, or an nnU-Net/MSD
-    dataset.json ("labels": {"liver": 1} in v2 or {"1": "liver"} in v1)."""
+    dataset.json ("labels": {"liver": 1} in v2 or {"1": "liver"} in v1).
+
+    A ValueError names what cannot be read (not a mapping, entries that are neither label -> name nor
+    name -> label, a label or name used twice, or nothing found for ``task``): a silently wrong map
+    would crop the wrong organ.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a JSON object mapping labels to names, got {type(raw).__name__}")
+    top = raw
     if "labels" in raw and isinstance(raw["labels"], dict):
         raw = raw["labels"]
     elif task in raw and isinstance(raw[task], dict):
         raw = raw[task]
+    elif raw and all(isinstance(v, dict) for v in raw.values()):
+        raise ValueError(f"no labels for task {task!r} (tasks: {', '.join(sorted(map(str, raw)))})")
     out: dict[int, str] = {}
+    bad: list[str] = []
+
+    def put(label: int, name: str) -> None:
+        if label in out and out[label] != name:
+            bad.append(f"label {label} named both {out[label]!r} and {name!r}")
+        out[label] = name
+
     for k, v in raw.items():
         if str(k).lstrip("-").isdigit():
-            out[int(k)] = str(v)
+            if isinstance(v, str) and v.strip():
+                put(int(k), v)
+            else:
+                bad.append(f"{k!r}: {v!r} (a label name must be a non-empty string)")
+        elif isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            bad.append(f"{k!r}: {v!r} (a label must be an integer)")
         elif isinstance(v, int | float) or (isinstance(v, str) and v.isdigit()):
-            out[int(v)] = str(k)
-        elif isinstance(v, list) and v:  # nnU-Net v2 region labels: take the first value
-            out[int(v[0])] = str(k)
+            put(int(v), str(k))
+        elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            put(int(v[0]), str(k))  # nnU-Net v2 region labels: take the first value
+        else:
+            bad.append(f"{k!r}: {str(v)[:60]!r}")
     out.pop(0, None)
+    names: dict[str, int] = {}
+    for label, name in sorted(out.items()):
+        if name in names:
+            bad.append(f"name {name!r} used for labels {names[name]} and {label}")
+        names[name] = label
+    if bad:
+        raise ValueError("unreadable class map entries: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    if not out and raw:
+        raise ValueError(f"no label names found (top-level keys: {sorted(map(str, top))[:10]})")
     return out
 
 
-def load_class_map(path: str | Path, task: str = "total") -> dict[int, str]:
-    path = Path(path)
+def _read_json(path: Path) -> object:
+    """Parsed JSON, or a DataError naming the file and where it breaks."""
     try:
-        return parse_class_map(json.loads(path.read_text()), task)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(path, f"unreadable class map ({exc})") from exc
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"unreadable class map ({type(exc).__name__}: {exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"class map is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                              f"{exc.colno})") from exc
+
+
+def _class_map(path: Path, raw: object, task: str) -> dict[int, str]:
+    try:
+        return parse_class_map(raw, task)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise DataError(path, str(exc)) from exc
+
+
+def load_class_map(path: str | Path, task: str = "total") -> dict[int, str]:
+    """A class-map JSON file as {label: name}; any problem is a DataError naming the file."""
+    path = Path(path)
+    return _class_map(path, _read_json(path), task)
 
 
 def _nii_files(folder: Path, pattern: str = "*.nii*") -> list[Path]:
@@ -404,8 +453,8 @@ def case_row(case_id: str, image: Path | str, mask: Path | str = "", mask_kind: 
 
 
 def discover_cases(root: str | Path, layout: str = "auto", image_glob: str = "*.nii*",
-                   task: str = "total") -> pd.DataFrame:
-    """One case table for the usual layouts (columns ``CASE_COLUMNS``; masks are not opened).
+                   task: str = "total", skipped: SkippedCases | None = None) -> pd.DataFrame:
+    """One case table for the usual layouts (columns ``CASE_COLUMNS``).
 
     Layouts: ``synthetic`` (``studies.csv`` + ``class_map.json``, as ``lib.synth`` writes),
     ``nnunet`` (``imagesTr/CASE_0000.nii.gz`` or MSD ``imagesTr/CASE.nii.gz`` + ``labelsTr/CASE.nii.gz``
@@ -413,6 +462,12 @@ def discover_cases(root: str | Path, layout: str = "auto", image_glob: str = "*.
     TotalSegmentator's default one-file-per-structure output) and ``pairs`` (a folder of CTs and
     multilabel masks, matched by voxel grid, with a class-map JSON, e.g. ``TotalSegmentator --ml``).
     A case whose mask is missing stays in the table so the crop step reports it.
+
+    Broken files (empty, not NIfTI, unreadable header) and cases whose mask cannot be told apart
+    (two masks with the image's grid, or a "mask" holding image values) are left out and recorded
+    (stage "discover") in ``skipped`` when given and in ``result.attrs["skipped"]`` (plain records,
+    which :func:`crop_cohort` adds to its skip table), so one bad file never loses the whole table.
+    A class map that cannot be read is a DataError naming the file.
     """
     root = Path(root)
     if not root.is_dir():
@@ -426,12 +481,32 @@ def discover_cases(root: str | Path, layout: str = "auto", image_glob: str = "*.
               "totalseg-dataset": _discover_totalseg_dataset, "pairs": _discover_pairs}
     if layout not in finder:
         raise ValueError(f"unknown layout {layout!r}; choose from {sorted(finder)} or 'auto'")
-    rows = finder[layout](root, image_glob=image_glob, task=task)
-    return pd.DataFrame(rows, columns=CASE_COLUMNS)
+    found = SkippedCases()
+    rows = finder[layout](root, image_glob=image_glob, task=task, skipped=found)
+    if skipped is not None:
+        skipped.extend(found)
+    cases = pd.DataFrame(rows, columns=CASE_COLUMNS)
+    cases.attrs["skipped"] = list(found.rows)  # plain data: pandas compares attrs on concat/merge
+    return cases
+
+
+def _empty_file(path: Path) -> DataError | None:
+    """A DataError for a 0-byte file (cheap: a stat, no read), else None."""
+    try:
+        return DataError(path, "empty file (0 bytes)") if path.stat().st_size == 0 else None
+    except OSError as exc:
+        return DataError(path, f"unreadable ({exc})")
 
 
 def _discover_synthetic(root: Path, **_: object) -> list[dict]:
-    st = pd.read_csv(root / "studies.csv")
+    path = root / "studies.csv"
+    try:
+        st = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not a readable CSV ({exc})") from exc
+    missing = {"study_id", "patient_id", "ct_path", "seg_path"} - set(st.columns)
+    if missing:
+        raise DataError(path, f"missing column(s) {sorted(missing)}")
     cmap = load_class_map(root / "class_map.json")
     has_lesion = "lesion_path" in st
     return [case_row(r.study_id, root / r.ct_path, root / r.seg_path, "multilabel", cmap,
@@ -439,7 +514,8 @@ def _discover_synthetic(root: Path, **_: object) -> list[dict]:
                       patient_id=r.patient_id) for r in st.itertuples()]
 
 
-def _discover_nnunet(root: Path, image_glob: str = "*.nii*", **_: object) -> list[dict]:
+def _discover_nnunet(root: Path, image_glob: str = "*.nii*", skipped: SkippedCases | None = None,
+                     **_: object) -> list[dict]:
     meta = root / "dataset.json"
     if not meta.exists():
         raise DataError(meta, "nnU-Net/MSD layout without dataset.json (needed for label names)")
@@ -453,35 +529,98 @@ def _discover_nnunet(root: Path, image_glob: str = "*.nii*", **_: object) -> lis
         case = stem[:-5] if not msd and stem[-5:-4] == "_" and stem[-4:].isdigit() else stem
         if case != stem and not stem.endswith("_0000"):
             continue  # other modalities of a multi-channel case
+        if (err := _empty_file(img)) is not None:
+            if skipped is not None:
+                skipped.add(case, err, stage="discover")
+            continue
         label = msd[0] if msd else root / "labelsTr" / f"{case}.nii.gz"
         rows.append(case_row(case, img, label, "multilabel", cmap))
     return rows
 
 
-def _discover_totalseg_dataset(root: Path, **_: object) -> list[dict]:
+def _discover_totalseg_dataset(root: Path, skipped: SkippedCases | None = None, **_: object) -> list[dict]:
     rows = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         cts = _nii_files(d, "ct.nii*")
         if cts:
+            if (err := _empty_file(cts[0])) is not None:
+                if skipped is not None:
+                    skipped.add(d.name, err, stage="discover")
+                continue
             rows.append(case_row(d.name, cts[0], d / "segmentations", "folder"))
     return rows
 
 
-def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total") -> list[dict]:
+def _header(path: Path) -> nib.Nifti1Image:
+    """A NIfTI with only its header read, or a DataError (empty, not NIfTI, not gzip, bad header)."""
+    if (err := _empty_file(path)) is not None:
+        raise err
+    try:
+        img = nib.load(str(path))
+        img.shape  # noqa: B018  (a header without a shape is unusable)
+    except Exception as exc:  # nibabel raises many types for non-NIfTI bytes
+        raise DataError(path, f"not a readable NIfTI header ({type(exc).__name__}: {exc})") from exc
+    return img
+
+
+def _not_a_label_map(path: Path, img: nib.Nifti1Image) -> str | None:
+    """Why a grid-matched mask candidate is not an integer label map, or None when it is one.
+
+    Unsigned integer volumes without scaling are accepted from the header alone (TotalSegmentator and
+    nnU-Net write uint8); signed, float or scaled ones are read: negative (HU-like) or non-integer
+    values mean an image, e.g. a copy of the CT, and an unreadable one is reported as such.
+    """
+    dtype = img.get_data_dtype()
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    scaled = not (slope in (None, 1.0) or np.isnan(slope)) or not (inter in (None, 0.0) or np.isnan(inter))
+    if dtype.kind == "u" and not scaled:
+        return None
+    data = np.asanyarray(load_nifti(path).dataobj)
+    if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
+        return f"holds non-integer values ({data.dtype}): an image, not an integer label map"
+    if data.size and data.min() < 0:
+        return f"holds negative values (min {data.min():g}), like a CT in HU: an image, not an integer label map"
+    return None
+
+
+def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total",
+                    skipped: SkippedCases | None = None) -> list[dict]:
     """CTs and multilabel masks in one folder, paired by shape and affine (names are not reliable)."""
+    skipped = SkippedCases() if skipped is None else skipped
     maps = sorted(root.glob("*.json"))
-    raw = json.loads(maps[0].read_text()) if maps else {}
+    raw = _read_json(maps[0]) if maps else {}
+    if maps:
+        _class_map(maps[0], raw, task)  # a broken map fails here, naming the file, not at crop time
     is_mask = lambda p: any(t in _stem(p).lower() for t in ("seg", "label", "mask"))  # noqa: E731
-    masks = [p for p in _nii_files(root) if is_mask(p)]
-    headers = {p: nib.load(str(p)) for p in masks}
+    headers: dict[Path, nib.Nifti1Image] = {}
+    for p in (p for p in _nii_files(root) if is_mask(p)):
+        try:
+            headers[p] = _header(p)
+        except DataError as exc:
+            skipped.add(_stem(p), exc, stage="discover")
+    verdicts: dict[Path, str | None] = {}
     rows = []
     for img in (p for p in _nii_files(root, image_glob) if not is_mask(p)):
-        im = nib.load(str(img))
-        match = [m for m, h in headers.items()
-                 if h.shape[:3] == im.shape[:3] and np.allclose(h.affine, im.affine, atol=1e-3)]
-        mask = match[0] if match else ""  # reported by the crop step as "no mask found"
+        case = _stem(img)
+        try:
+            im = _header(img)
+            match = [m for m, h in headers.items()
+                     if h.shape[:3] == im.shape[:3] and np.allclose(h.affine, im.affine, atol=1e-3)]
+            if len(match) > 1:
+                raise DataError(img, f"ambiguous mask: {', '.join(m.name for m in match)} all have this image's "
+                                     "voxel grid (keep one, or pass a case table with case_row)")
+            if match:
+                if match[0] not in verdicts:
+                    verdicts[match[0]] = _not_a_label_map(match[0], headers[match[0]])
+                if verdicts[match[0]]:
+                    raise DataError(img, f"ambiguous mask: {match[0].name} has this image's voxel grid but "
+                                         f"{verdicts[match[0]]}")
+        except DataError as exc:
+            skipped.add(case, exc, stage="discover")
+            continue
+        mask = match[0] if match else ""  # no mask: reported by the crop step as "no mask found"
         t = "total_mr" if match and _stem(match[0]).endswith("_mr") and "total_mr" in raw else task
-        rows.append(case_row(_stem(img), img, mask, "multilabel", parse_class_map(raw, t) if raw else {}))
+        rows.append(case_row(case, img, mask, "multilabel", _class_map(maps[0], raw, t) if maps else {}))
     return rows
 
 
@@ -850,7 +989,8 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
     Cases whose inputs and parameters did not change are read from the manifest, not recomputed.
     Runs in-process for ``workers=1`` and in a process pool otherwise. Returns (index, skipped); the
     index has one row per written crop (this call's rows), and ``out_dir/index.csv`` keeps other
-    sub-folders' rows.
+    sub-folders' rows. ``skipped`` starts with what :func:`discover_cases` left out of ``cases``
+    (``cases.attrs["skipped"]``), so a notebook shows every unusable file in one table.
     """
     p = CropParams(mode=mode, **params).validate()  # type: ignore[arg-type]
     name = name or (p.mode if p.fmt == "npz" else f"{p.mode}3d")
@@ -858,7 +998,7 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     records = cases.fillna("").to_dict("records")
     rows: list[dict] = []
-    skips: list[dict] = []
+    skips: list[dict] = [dict(r) for r in cases.attrs.get("skipped", [])]
     computed = 0
     bar = tqdm(total=len(records), desc=f"crop {name}", disable=not progress, leave=False)
     if workers <= 1 or len(records) <= 1:

@@ -10,6 +10,11 @@ Values follow CheXpert: 1 positive, 0 negative, -1 uncertain, NaN (blank) not me
 Historical ("History of ...") and hypothetical ("Rule out ...") mentions, and anything in indication,
 comparison or technique sections, never give a positive label. Every phrase and regex is compiled
 once per vocabulary and language into a trie-shaped alternation, so a report costs two regex scans.
+
+Text is matched after NFKC normalisation with zero-width characters removed (full-width letters,
+half-width katakana and a zero-width space inside a word would otherwise hide a finding); evidence
+offsets always index the text as given. Time and memory grow linearly with a report's length: each
+mention's assertion costs a few binary searches, and evidence keeps offsets, not sentence copies.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ import io
 import json
 import math
 import re
+import unicodedata
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +53,8 @@ _W = "a-z0-9"
 _SEP = r"[\s\-]+"
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uff01-\uff5e]")
 _TRIGGER_ORDER = ("normal", "pseudo", "terminate", "negated", "possible", "hypothetical", "historical")
+LABEL_VALUES = (1.0, 0.0, -1.0)  # and blank: the only values a labels table may hold
+EVIDENCE_CHARS = 1000  # longer sentences/phrases are shown abridged in evidence (their offsets stay exact)
 
 
 # ----------------------------------------------------------------------------- text primitives
@@ -59,7 +69,8 @@ def _lower(text: str) -> str:
 
 
 def _key(phrase: str) -> str:
-    return re.sub(r"[\s\-]+", " ", phrase.lower()).strip()
+    """Lookup form of a phrase: normalised like report text, lower case, separators as one space."""
+    return re.sub(r"[\s\-]+", " ", normalize_text(phrase).lower()).strip()
 
 
 def _is_word_char(ch: str) -> bool:
@@ -111,6 +122,107 @@ def detect_lang(text: str) -> str:
     return "ja" if _CJK.search(text) else "en"
 
 
+# ----------------------------------------------------------------------------- normalisation
+
+ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
+_ZW = re.compile(f"[{ZERO_WIDTH}]")
+# Kept as typed: a full-width full stop ends a Japanese sentence, the ASCII "." NFKC would turn it into does not.
+_NFKC_KEEP = frozenset("\uff0e")
+# Marks that join the character before them under NFKC although their combining class is 0 (voiced kana marks).
+_JOINERS = frozenset("\u3099\u309a\uff9e\uff9f")
+
+
+def _unstable(ch: str) -> bool:
+    """True for a character that normalisation changes, removes, or joins to its neighbour."""
+    return (ch in ZERO_WIDTH or ch in _JOINERS or unicodedata.combining(ch) != 0
+            or (ch not in _NFKC_KEEP and unicodedata.normalize("NFKC", ch) != ch))
+
+
+@lru_cache(maxsize=4096)
+def _nfkc(cluster: str) -> str:
+    if cluster[:1] in _NFKC_KEEP:
+        return cluster[0] + _nfkc(cluster[1:]) if len(cluster) > 1 else cluster
+    out = unicodedata.normalize("NFKC", cluster)
+    return _ZW.sub("", out) if any(c in ZERO_WIDTH for c in out) else out
+
+
+def _normalize(text: str, limit: int | None = None) -> tuple[str, array | None, array | None]:
+    """(normalised text, start, end) where ``start[i]:end[i]`` is the span of the given text that normalised
+    character ``i`` came from; both None when normalisation changes nothing (the usual case, no copy).
+
+    Why per character cluster: NFKC joins a character with the marks after it (か + ゛ -> が) and may change
+    the length ("㎜" -> "mm"); mapping each cluster keeps every offset exact. ``limit``: a ValueError as
+    soon as the normalised text would be longer (NFKC can expand one character into 18).
+    """
+    if unicodedata.is_normalized("NFKC", text) and not _ZW.search(text):
+        return text, None, None
+    bad = "".join(sorted(c for c in set(text) if _unstable(c)))
+    if not bad:
+        return text, None, None
+    joins = frozenset(c for c in bad if c in _JOINERS or unicodedata.combining(c))
+    cls = "[" + re.escape(bad) + "]"
+    pieces: list[str] = []
+    starts, ends = array("i"), array("i")
+    pos = n_out = 0
+    for m in re.finditer(f"(?s:.?{cls}+)", text):
+        a, b = m.span()
+        if a > pos:
+            pieces.append(text[pos:a])
+            starts.extend(range(pos, a))
+            ends.extend(range(pos + 1, a + 1))
+            n_out += a - pos
+        if joins.isdisjoint(text[a:b]):  # every character is its own cluster: map them in one go
+            outs = list(map(_nfkc, text[a:b]))
+            lens = list(map(len, outs))
+            n_out += sum(lens)
+            if limit is not None and n_out > limit:
+                raise ValueError(f"text too long after normalisation (> {limit:,} characters)")
+            if lens.count(1) == len(lens):
+                starts.extend(range(a, b))
+                ends.extend(range(a + 1, b + 1))
+            else:
+                for p, n in enumerate(lens, start=a):
+                    starts.extend([p] * n)
+                    ends.extend([p + 1] * n)
+            pieces.append("".join(outs))
+            pos = b
+            continue
+        p = a
+        while p < b:  # clusters: a character and the marks that join it
+            q = p + 1
+            while q < b and text[q] in joins:
+                q += 1
+            cluster = text[p:q]
+            out = _nfkc(cluster)
+            if len(out) == len(cluster):
+                starts.extend(range(p, q))
+                ends.extend(range(p + 1, q + 1))
+            else:
+                starts.extend([p] * len(out))
+                ends.extend([q] * len(out))
+            pieces.append(out)
+            n_out += len(out)
+            if limit is not None and n_out > limit:
+                raise ValueError(f"text too long after normalisation (> {limit:,} characters)")
+            p = q
+        pos = b
+    pieces.append(text[pos:])
+    starts.extend(range(pos, len(text)))
+    ends.extend(range(pos + 1, len(text) + 1))
+    n_out += len(text) - pos
+    if limit is not None and n_out > limit:
+        raise ValueError(f"text too long after normalisation ({n_out:,} characters > {limit:,})")
+    return "".join(pieces), starts, ends
+
+
+def normalize_text(text: str) -> str:
+    """NFKC with zero-width characters (U+200B..U+200D, U+2060, U+FEFF) removed: the form that is matched.
+
+    A full-width full stop is kept (it ends a Japanese sentence; an ASCII period does not).
+    """
+    return _normalize(text)[0]
+
+
 # ----------------------------------------------------------------------------- sections and sentences
 
 
@@ -140,8 +252,9 @@ _TITLE_HEADER = re.compile(r"[A-Z][a-z]+(?:[ /&-]+(?:[A-Z][a-z]+|of|and|or|for))
 _EN_HEADER_TAIL = re.compile(r"[A-Za-z][A-Za-z/&\- ]{0,40}$")
 _JA_HEADER = re.compile(r"【(?P<h>[^】\n]{1,20})】|(?m:^[ \t]*(?P<h2>所見|診断|臨床情報|臨床診断|依頼内容|"
                         r"検査目的|比較|既往歴|印象|結論|まとめ|コメント|画像診断|読影所見)[ \t]*[:：])")
-# a period at a line end always ends the sentence, so it is one match with its line break (half the matches)
-_EN_BOUND = re.compile(r"[.!?]+[ \t]*\n|[.!?]+(?=\s|$)|\n")
+# a period at a line end always ends the sentence, so it is one match with its line break (half the matches);
+# a run of periods is tried from its first character only (from each one, "....x" would cost quadratic time)
+_EN_BOUND = re.compile(r"(?<![.!?])(?:[.!?]++[ \t]*+\n|[.!?]++(?=\s|$))|\n")
 _EN_ABBREV = frozenset(["dr", "mr", "mrs", "ms", "vs", "e.g", "i.e", "etc", "approx", "no", "nos", "fig", "st",
                         "cf", "incl", "min", "max", "sq", "vol", "ca", "pt", "pts", "hx", "dx", "rx", "tx", "inc",
                         "co", "jr", "sr", "ie", "eg", "al", "mt"])
@@ -402,7 +515,7 @@ def load_vocabulary(vocabulary: str | Path) -> Vocabulary:
 # ----------------------------------------------------------------------------- assertion
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Trig:
     start: int
     end: int
@@ -413,56 +526,200 @@ class _Trig:
 # what may stand between a finding and a normal statement about it: "engorgement appears within normal limits"
 _COPULA = re.compile(r"\s*(?:(?:is|are|was|were|appears?|seems?|looks?|remains?)"
                      r"(?:\s+(?:to\s+be|grossly|otherwise))?\s*)?")
+_STATUS_CATS = ("negated", "possible", "normal")
+_TEMPORAL_CATS = ("historical", "hypothetical")
 
 
-def _gap_ok(low: str, a: int, b: int, lang: str) -> bool:
-    if lang == "ja":
-        return b - a <= WINDOW["ja"]
-    return len(low[a:b].split()) <= WINDOW["en"]
+class _Gaps:
+    """How far a trigger reaches: at most ``WINDOW`` words (en, as ``str.split`` counts them) or characters (ja).
 
-
-def _assert_span(low: str, ms: int, me: int, s0: int, s1: int, trigs: list[_Trig], lang: str
-                 ) -> tuple[str, str, _Trig | None]:
-    """(negation status, temporality, deciding trigger) of the mention [ms, me) in sentence [s0, s1).
-
-    Status is the nearest in-scope negated/possible trigger (ties: negated); temporality is
-    'hypothetical' or 'historical' when such a trigger reaches the mention, else 'current'.
+    Word starts are indexed once per text, so a gap is counted with two binary searches instead of
+    splitting a copy of the text between trigger and mention (quadratic on one long sentence).
     """
-    terms = [t for t in trigs if t.cat == "terminate"]
-    best: tuple[int, int, _Trig] | None = None
-    temporal = "current"
-    for t in trigs:
-        if t.cat in ("pseudo", "terminate"):
-            continue
-        if ms <= t.start and t.end <= me and (t.start, t.end) != (ms, me):
-            continue  # a trigger word inside the finding's own name ("... suspicious for neoplasm")
-        if t.start < me and ms < t.end:
-            dist = 0
-        elif t.end <= ms and t.direction in ("forward", "both"):
-            stop = min([x.start for x in terms if x.start >= t.end] + [s1])
-            if ms >= stop or not _gap_ok(low, t.end, ms, lang):
+
+    def __init__(self, low: str, lang: str) -> None:
+        self.low, self.lang = low, lang
+        self._starts: array | None = None
+
+    def ok(self, a: int, b: int) -> bool:
+        if self.lang == "ja":
+            return b - a <= WINDOW["ja"]
+        if b - a <= 256:  # short gap: splitting it is cheaper than the index
+            return len(self.low[a:b].split()) <= WINDOW["en"]
+        if self._starts is None:
+            self._starts = array("i", (m.start() for m in re.finditer(r"\S+", self.low)))
+        s = self._starts
+        # words in low[a:b]: runs starting inside (a, b), plus the run holding a
+        n = bisect.bisect_left(s, b) - bisect.bisect_right(s, a) + (not self.low[a].isspace())
+        return n <= WINDOW["en"]
+
+
+class _Scope:
+    """One sentence's triggers, indexed so that a mention's assertion costs a few binary searches.
+
+    Scope rules (NegEx / ConText): a trigger reaches a mention on its side(s) unless a terminator lies
+    between them or they are more than ``WINDOW`` apart; overlapping triggers always reach it. A
+    trigger's reach is monotone (when a farther trigger of one kind reaches the mention, the nearest
+    of that kind does too), so only the nearest trigger of each kind on each side can decide: this
+    gives the same answer as scanning every trigger for every mention, in linear total time.
+    """
+
+    SCAN_MAX = 16  # up to this many triggers a direct scan is faster than building the index
+
+    def __init__(self, low: str, trigs: Sequence[_Trig], s0: int, s1: int, gaps: _Gaps) -> None:
+        self.low, self.trigs, self.s0, self.s1, self.gaps = low, list(trigs), s0, s1, gaps
+        trigs = self.trigs
+        self.terms = [t for t in trigs if t.cat == "terminate"]
+        self.term_starts: Sequence[int] = sorted(t.start for t in self.terms) if self.terms else ()
+        self.term_ends: Sequence[int] = sorted(t.end for t in self.terms) if self.terms else ()
+        self.indexed = len(trigs) > self.SCAN_MAX
+        if self.indexed:
+            self._index()
+
+    def _index(self) -> None:
+        trigs = self.trigs
+        # int arrays, not lists: a run-on sentence may hold hundreds of thousands of triggers
+        order = array("i", sorted(range(len(trigs)), key=lambda i: (trigs[i].start, i)))
+        self.by_start = order
+        self.starts = array("i", (trigs[i].start for i in order))
+        self.pmax = array("i")  # running maximum of ends, in start order: where overlaps can stop
+        top = -1
+        for i in order:
+            top = max(top, trigs[i].end)
+            self.pmax.append(top)
+        fwd: dict[str, list[tuple[int, int]]] = {c: [] for c in (*_STATUS_CATS, *_TEMPORAL_CATS)}
+        bwd: dict[str, list[tuple[int, int]]] = {c: [] for c in fwd}
+        for i, t in enumerate(trigs):
+            if t.cat in fwd:
+                if t.direction in ("forward", "both"):
+                    fwd[t.cat].append((t.end, -i))  # nearest first from the right: ties go to the earlier trigger
+                if t.direction in ("backward", "both"):
+                    bwd[t.cat].append((t.start, i))
+        self.fwd = {c: (array("i", (e for e, _ in sorted(v))), array("i", (-i for _, i in sorted(v))))
+                    for c, v in fwd.items()}
+        self.bwd = {c: (array("i", (x for x, _ in sorted(v))), array("i", (i for _, i in sorted(v))))
+                    for c, v in bwd.items()}
+
+    def _fwd_reaches(self, t: _Trig, ms: int) -> bool:
+        j = bisect.bisect_left(self.term_starts, t.end)
+        stop = min(self.term_starts[j], self.s1) if j < len(self.term_starts) else self.s1
+        return ms < stop and self.gaps.ok(t.end, ms)
+
+    def _bwd_reaches(self, t: _Trig, me: int) -> bool:
+        j = bisect.bisect_right(self.term_ends, t.start) - 1
+        stop = max(self.term_ends[j], self.s0) if j >= 0 else self.s0
+        return me > stop and self.gaps.ok(me, t.start)
+
+    def _nearest_fwd(self, cat: str, ms: int) -> int | None:
+        ends, idx = self.fwd[cat]
+        k = bisect.bisect_right(ends, ms) - 1
+        if k < 0 or not self._fwd_reaches(self.trigs[idx[k]], ms):
+            return None
+        return idx[k]
+
+    def _nearest_bwd(self, cat: str, me: int) -> int | None:
+        starts, idx = self.bwd[cat]
+        k = bisect.bisect_left(starts, me)
+        if k == len(starts) or not self._bwd_reaches(self.trigs[idx[k]], me):
+            return None
+        return idx[k]
+
+    def assert_span(self, ms: int, me: int) -> tuple[str, str, _Trig | None]:
+        """(negation status, temporality, deciding trigger) of the mention [ms, me).
+
+        Status is the nearest in-scope negated/possible trigger (ties: negated, then the earlier
+        trigger); temporality is 'hypothetical' or 'historical' when such a trigger reaches the
+        mention, else 'current'. A normal statement ("unremarkable") negates a mention it overlaps,
+        touches, or follows after a copula ("X appears normal").
+        """
+        if not self.indexed:
+            return self._scan(ms, me)
+        trigs = self.trigs
+        cands: list[tuple[int, int, int]] = []  # (distance, 0 negated/normal | 1 possible, trigger index)
+        temporal: set[str] = set()
+        j = bisect.bisect_left(self.starts, me) - 1
+        while j >= 0 and self.pmax[j] > ms:  # triggers overlapping the mention
+            i = self.by_start[j]
+            t = trigs[i]
+            j -= 1
+            if t.end <= ms or t.cat in ("pseudo", "terminate"):
                 continue
-            dist = ms - t.end
-        elif t.start >= me and t.direction in ("backward", "both"):
-            stop = max([x.end for x in terms if x.end <= t.start] + [s0])
-            if me <= stop or not _gap_ok(low, me, t.start, lang):
+            if ms <= t.start and t.end <= me and (t.start, t.end) != (ms, me):
+                continue  # a trigger word inside the finding's own name ("... suspicious for neoplasm")
+            if t.cat in _TEMPORAL_CATS:
+                temporal.add(t.cat)
+            else:
+                cands.append((0, int(t.cat == "possible"), i))
+        for cat in _STATUS_CATS + _TEMPORAL_CATS:
+            i = self._nearest_fwd(cat, ms)
+            if i is not None:
+                dist = ms - trigs[i].end
+                if cat in _TEMPORAL_CATS:
+                    temporal.add(cat)
+                elif cat != "normal" or dist == 0:
+                    cands.append((dist, int(cat == "possible"), i))
+            if cat == "normal":
                 continue
-            dist = t.start - me
-        else:
-            continue
-        if t.cat in ("historical", "hypothetical"):
-            if temporal != "hypothetical":
-                temporal = t.cat
-            continue
-        if t.cat == "normal" and dist and not (t.start >= me and _COPULA.fullmatch(low, me, t.start)):
-            continue  # "no focal lesion" negates a lesion it contains, not its neighbours; "X appears normal" does
-        key = (dist, 0 if t.cat in ("negated", "normal") else 1)
-        if best is None or key < best[:2]:
-            best = (*key, t)
-    if best is None:
-        return "affirmed", temporal, None
-    t = best[2]
-    return ("possible" if t.cat == "possible" else "negated"), temporal, t
+            i = self._nearest_bwd(cat, me)
+            if i is not None:
+                if cat in _TEMPORAL_CATS:
+                    temporal.add(cat)
+                else:
+                    cands.append((trigs[i].start - me, int(cat == "possible"), i))
+        # a normal statement after the mention counts only across a copula: try the few that start within one
+        starts, idx = self.bwd["normal"]
+        reach = _COPULA.match(self.low, me).end()
+        for k in range(bisect.bisect_left(starts, me), bisect.bisect_right(starts, reach)):
+            t = trigs[idx[k]]
+            if not self._bwd_reaches(t, me):
+                break
+            if t.start == me or _COPULA.fullmatch(self.low, me, t.start):
+                cands.append((t.start - me, 0, idx[k]))
+                break
+        temp = "hypothetical" if "hypothetical" in temporal else "historical" if temporal else "current"
+        if not cands:
+            return "affirmed", temp, None
+        t = trigs[min(cands)[2]]
+        return ("possible" if t.cat == "possible" else "negated"), temp, t
+
+
+    def _scan(self, ms: int, me: int) -> tuple[str, str, _Trig | None]:
+        """``assert_span`` by visiting every trigger (the rules spelled out; few triggers: no index needed)."""
+        low, terms = self.low, self.terms
+        best: tuple[int, int, _Trig] | None = None
+        temporal = "current"
+        for t in self.trigs:
+            if t.cat in ("pseudo", "terminate"):
+                continue
+            if ms <= t.start and t.end <= me and (t.start, t.end) != (ms, me):
+                continue  # a trigger word inside the finding's own name ("... suspicious for neoplasm")
+            if t.start < me and ms < t.end:
+                dist = 0
+            elif t.end <= ms and t.direction in ("forward", "both"):
+                stop = min([x.start for x in terms if x.start >= t.end] + [self.s1])
+                if ms >= stop or not self.gaps.ok(t.end, ms):
+                    continue
+                dist = ms - t.end
+            elif t.start >= me and t.direction in ("backward", "both"):
+                stop = max([x.end for x in terms if x.end <= t.start] + [self.s0])
+                if me <= stop or not self.gaps.ok(me, t.start):
+                    continue
+                dist = t.start - me
+            else:
+                continue
+            if t.cat in _TEMPORAL_CATS:
+                if temporal != "hypothetical":
+                    temporal = t.cat
+                continue
+            if t.cat == "normal" and dist and not (t.start >= me and _COPULA.fullmatch(low, me, t.start)):
+                continue  # "no focal lesion" negates a lesion it contains, not its neighbours; "X appears normal" does
+            key = (dist, 0 if t.cat in ("negated", "normal") else 1)
+            if best is None or key < best[:2]:
+                best = (*key, t)
+        if best is None:
+            return "affirmed", temporal, None
+        t = best[2]
+        return ("possible" if t.cat == "possible" else "negated"), temporal, t
 
 
 def _find_concept(low: str, concept: str) -> list[tuple[int, int]]:
@@ -485,7 +742,8 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
 
     Hypothetical mentions ("rule out X") count as 'possible'; historical ones keep their status
     ("history of X" is affirmed, "no history of X" negated). When the concept occurs more than once
-    the most positive reading wins; when its words are not in the sentence it is 'affirmed'.
+    the most positive reading wins; when its words are not in the sentence it is 'affirmed'. Both
+    texts are normalised (NFKC, zero-width characters removed) before matching.
     """
     if not isinstance(sentence, str) or not isinstance(concept, str):
         raise TypeError(f"sentence and concept must be str, got {type(sentence).__name__}, "
@@ -494,6 +752,7 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
         lang = detect_lang(sentence)
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {LANGS} or 'auto', got {lang!r}")
+    sentence, concept = normalize_text(sentence), normalize_text(concept)
     low = _lower(sentence)
     spans = _find_concept(low, concept)
     if not spans:
@@ -510,15 +769,34 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
     trig_hits = matcher.find(low)
     # a pseudo-trigger running into the concept ("no change| in vision") is the concept's own word:
     # what precedes the concept is read again on its own ("no")
+    span_starts = sorted(ms for ms, _ in spans)
     for a, b, cat, _ in list(trig_hits):
-        if cat == "pseudo" and any(a < ms < b for ms, _ in spans):
-            ms = min(ms for ms, _ in spans if a < ms < b)
-            trig_hits += matcher.find(low, a, ms)
+        k = bisect.bisect_right(span_starts, a)
+        if cat == "pseudo" and k < len(span_starts) and span_starts[k] < b:
+            trig_hits += matcher.find(low, a, span_starts[k])
+    # triggers of a sentence: those overlapping it (found through start order and a running maximum of ends)
+    order = sorted(range(len(trig_hits)), key=lambda i: (trig_hits[i][0], i))
+    hit_starts = [trig_hits[i][0] for i in order]
+    pmax, top = [], -1
+    for i in order:
+        top = max(top, trig_hits[i][1])
+        pmax.append(top)
+    gaps = _Gaps(low, lang)
+    scopes: dict[int, _Scope] = {}
     results = []
     for ms, me in spans:
-        s = sents[max(0, bisect.bisect_right(starts, ms) - 1)]
-        trigs = [_Trig(a, b, c, d) for a, b, c, d in trig_hits if a < s.end and b > s.start]
-        status, temporal, _ = _assert_span(low, ms, me, s.start, s.end, trigs, lang)
+        k = max(0, bisect.bisect_right(starts, ms) - 1)
+        if k not in scopes:
+            s = sents[k]
+            j = bisect.bisect_left(hit_starts, s.end) - 1
+            inside = []
+            while j >= 0 and pmax[j] > s.start:
+                if trig_hits[order[j]][1] > s.start:
+                    inside.append(order[j])
+                j -= 1
+            trigs = [_Trig(*trig_hits[i]) for i in sorted(inside)]  # list order decides ties
+            scopes[k] = _Scope(low, trigs, s.start, s.end, gaps)
+        status, temporal, _ = scopes[k].assert_span(ms, me)
         if status == "affirmed" and temporal == "hypothetical":
             status = "possible"
         results.append(status)
@@ -527,9 +805,16 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
 
 # ----------------------------------------------------------------------------- labelling
 
+# Evidence of one mention, in offsets of the analysed text: section, sentence span, evidence span, label,
+# assertion, trigger span ((-1, -1): none), counted.
+_Ev = tuple[str, int, int, int, int, str, str, int, int, bool]
+# A normal statement and the organs it covers give one evidence row per pair up to this many pairs per
+# clause; beyond it (a run-on clause naming organs and "normal" hundreds of times) one row per organ.
+_MAX_NORMAL_PAIRS = 64
 
-def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float], list[dict]]:
-    """Label values and evidence rows of one report."""
+
+def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float], list[_Ev]]:
+    """Label values and evidence (offsets only) of one report, in time and memory linear in its length."""
     low = _lower(text)
     sents = split_sentences(text, lang)
     starts = [s.start for s in sents]
@@ -543,20 +828,23 @@ def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float],
     trig_by_sent: dict[int, list[_Trig]] = {}
     for a, b, cat, d in triggers:
         i = bisect.bisect_right(starts, a) - 1
-        if i >= 0 and a < sents[i].end:
+        if i in by_sent and a < sents[i].end:  # only sentences with mentions need their triggers
             trig_by_sent.setdefault(i, []).append(_Trig(a, b, cat, d))
+    del triggers
 
     best: dict[str, str] = {}
     normal_organs: set[str] = set()
     others: list[str] = []
-    evidence: list[dict] = []
+    evidence: list[_Ev] = []
     maxd = COMPOSE_DISTANCE[lang]
+    gaps = _Gaps(low, lang)
     for i, found in by_sent.items():
         s = sents[i]
         counted = s.section not in IGNORED_SECTIONS
         trigs = trig_by_sent.get(i, [])
-        terms = [t for t in trigs if t.cat == "terminate"]
-        organs = [(a, b, o) for a, b, k, o in found if k == "organ"]
+        scope = _Scope(low, trigs, s.start, s.end, gaps)
+        organs = [(a, b, o) for a, b, k, o in found if k == "organ"]  # disjoint, in text order
+        centres = [a + b for a, b, _ in organs]
         mentions: list[tuple[int, int, int, int, tuple, str]] = []  # span, evidence span, labels, kind
         for a, b, kind, payload in found:
             if kind == "label":
@@ -564,18 +852,20 @@ def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float],
             elif kind == "other":
                 mentions.append((a, b, a, b, ("other finding",), "other"))
             elif kind == "head" and organs:
-                oa, ob, organ = min(organs, key=lambda o: abs((o[0] + o[1]) - (a + b)))
+                k = bisect.bisect_left(centres, a + b)  # nearest organ (ties: the earlier one)
+                if k == len(organs) or (k > 0 and a + b - centres[k - 1] <= centres[k] - (a + b)):
+                    k -= 1
+                oa, ob, organ = organs[k]
                 lo, hi = min(oa, a), max(ob, b)
                 if organ in payload and hi - lo - (ob - oa) - (b - a) <= maxd:
                     mentions.append((a, b, lo, hi, (payload[organ],), "composed"))
         for a, b, ea, eb, labs, kind in mentions:
-            status, temporal, trig = _assert_span(low, a, b, s.start, s.end, trigs, lang)
+            status, temporal, trig = scope.assert_span(a, b)
             shown = status if temporal == "current" else temporal
             use = counted and temporal == "current"
+            ts, te = (trig.start, trig.end) if trig else (-1, -1)
             for lab in labs:
-                evidence.append({"section": s.section, "sentence": text[s.start:s.end], "phrase": text[ea:eb],
-                                 "start": ea, "end": eb, "label": lab, "assertion": shown,
-                                 "trigger": text[trig.start:trig.end] if trig else "", "counted": use})
+                evidence.append((s.section, s.start, s.end, ea, eb, lab, shown, ts, te, use))
                 if not use:
                     continue
                 if kind == "other":
@@ -583,20 +873,8 @@ def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float],
                         others.append(lab)
                 elif _RANK[status] > _RANK.get(best.get(lab, ""), -1):
                     best[lab] = status
-        if not counted:
-            continue
-        for t in trigs:  # normal statements: "The liver and spleen are unremarkable" / 「肝に異常を認めない」
-            if t.cat != "normal":
-                continue
-            lo = max([x.end for x in terms if x.end <= t.start] + [s.start])
-            hi = min([x.start for x in terms if x.start >= t.end] + [s.end])
-            for oa, ob, organ in organs:
-                if lo <= oa and ob <= hi and organ in vocab.organ_normal:
-                    normal_organs.add(organ)
-                    evidence.append({"section": s.section, "sentence": text[s.start:s.end],
-                                     "phrase": text[min(oa, t.start):max(ob, t.end)], "start": min(oa, t.start),
-                                     "end": max(ob, t.end), "label": f"{organ} (normal)", "assertion": "normal",
-                                     "trigger": text[t.start:t.end], "counted": True})
+        if counted:
+            _normal_statements(s, trigs, scope, organs, vocab, normal_organs, evidence)
     values: dict[str, float] = {lab: VALUE[st] for lab, st in best.items()}
     for organ in normal_organs:
         for lab in vocab.organ_normal[organ]:
@@ -614,6 +892,45 @@ def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float],
             elif vals or organ in normal_organs:
                 values[f"{organ}_abnormal"] = 0.0
     return values, evidence
+
+
+def _normal_statements(s: Sentence, trigs: list[_Trig], scope: _Scope, organs: list[tuple[int, int, str]],
+                       vocab: Vocabulary, normal_organs: set[str], evidence: list[_Ev]) -> None:
+    """Organs a normal statement covers ("The liver and spleen are unremarkable" / 「肝に異常を認めない」).
+
+    A statement covers the organs of its clause (between terminators); clauses are found by binary
+    search, so a long run-on sentence costs linear time.
+    """
+    normals = [t for t in trigs if t.cat == "normal"]
+    if not normals or not organs:
+        return
+    o_starts = [a for a, _, _ in organs]
+    o_ends = [b for _, b, _ in organs]
+    clauses: dict[tuple[int, int], list[_Trig]] = {}
+    for t in normals:
+        j = bisect.bisect_right(scope.term_ends, t.start) - 1
+        lo = max(scope.term_ends[j], s.start) if j >= 0 else s.start
+        j = bisect.bisect_left(scope.term_starts, t.end)
+        hi = min(scope.term_starts[j], s.end) if j < len(scope.term_starts) else s.end
+        clauses.setdefault((lo, hi), []).append(t)
+    for (lo, hi), ts in clauses.items():
+        covered = [o for o in organs[bisect.bisect_left(o_starts, lo):bisect.bisect_right(o_ends, hi)]
+                   if o[0] >= lo and o[2] in vocab.organ_normal]
+        if not covered:
+            continue
+        normal_organs.update(o for _, _, o in covered)
+        if len(ts) * len(covered) <= _MAX_NORMAL_PAIRS:
+            pairs = [(t, o) for t in ts for o in covered]
+        else:
+            t_ends = [t.end for t in ts]
+            pairs = []
+            for o in covered:  # the statement nearest to each organ
+                k = bisect.bisect_left(t_ends, o[0])
+                near = [ts[x] for x in (k - 1, k) if 0 <= x < len(ts)]
+                pairs.append((min(near, key=lambda t, o=o: abs(t.start + t.end - o[0] - o[1])), o))
+        for t, (oa, ob, organ) in pairs:
+            evidence.append((s.section, s.start, s.end, min(oa, t.start), max(ob, t.end), f"{organ} (normal)",
+                             "normal", t.start, t.end, True))
 
 
 def _as_text(value: object) -> str:
@@ -634,6 +951,40 @@ def _as_text(value: object) -> str:
     return value
 
 
+def _excerpt(text: str, a: int, b: int) -> str:
+    """``text[a:b]``, or its first 100 and last 40 characters beyond ``EVIDENCE_CHARS`` (a run-on sentence
+    repeated on each of its mentions' rows would make evidence.csv grow with the square of its length)."""
+    if b - a <= EVIDENCE_CHARS:
+        return text[a:b]
+    return f"{text[a:a + 100]} … {text[b - 40:b]}"
+
+
+EV_COLUMNS = ["report", "section", "sentence", "phrase", "start", "end", "label", "assertion", "trigger",
+              "counted", "sentence_start", "sentence_end"]
+
+
+def _evidence_rows(rid: object, raw: str, ev: list[_Ev], starts: array | None, ends: array | None
+                   ) -> list[tuple]:
+    """Evidence rows with offsets into the text as given (mapped back through normalisation) and text
+    excerpts; one sentence excerpt per sentence, shared by its rows, never a copy per mention."""
+    sentences: dict[tuple[int, int], tuple[int, int, str]] = {}
+    rows = []
+    limit = EVIDENCE_CHARS
+    for section, s0, s1, ea, eb, lab, shown, ts, te, use in ev:
+        if starts is not None and ends is not None:
+            ea, eb = starts[ea], ends[eb - 1]
+            if ts >= 0:
+                ts, te = starts[ts], ends[te - 1]
+        sent = sentences.get((s0, s1))
+        if sent is None:
+            r0, r1 = (s0, s1) if starts is None or ends is None else (starts[s0], ends[s1 - 1])
+            sent = sentences[s0, s1] = (r0, r1, _excerpt(raw, r0, r1))
+        phrase = raw[ea:eb] if eb - ea <= limit else _excerpt(raw, ea, eb)
+        trigger = "" if ts < 0 else raw[ts:te] if te - ts <= limit else _excerpt(raw, ts, te)
+        rows.append((rid, section, sent[2], phrase, ea, eb, lab, shown, trigger, use, sent[0], sent[1]))
+    return rows
+
+
 def _label_batch(texts: list, vocabulary: str | Path, lang: str = "en", ids: list | None = None
                  ) -> tuple[pd.DataFrame, pd.DataFrame, SkippedCases]:
     vocab = load_vocabulary(vocabulary)
@@ -642,26 +993,28 @@ def _label_batch(texts: list, vocabulary: str | Path, lang: str = "en", ids: lis
     texts = list(texts)
     ids = list(range(len(texts))) if ids is None else list(ids)
     rows: list[dict[str, float]] = []
-    evidence: list[dict] = []
+    evidence: list[tuple] = []
     skipped = SkippedCases()
     for rid, value in zip(ids, texts, strict=True):
         try:
-            text = _as_text(value)
-            values, ev = _analyse(text, vocab, detect_lang(text) if lang == "auto" else lang)
+            raw = _as_text(value)
+            text, starts, ends = _normalize(raw, MAX_CHARS)
+            if not text.strip():
+                raise ValueError("empty text (only zero-width characters)")
+            values, ev = _analyse(text, vocab, detect_lang(raw) if lang == "auto" else lang)
+            ev_rows = _evidence_rows(rid, raw, ev, starts, ends)
         except Exception as exc:  # one unusable report never stops the batch
             skipped.add(str(rid), exc if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}",
                         stage="reports")
-            values, ev = {}, []
+            values, ev_rows = {}, []
         rows.append(values)
-        for e in ev:
-            e["report"] = rid
-        evidence.extend(ev)
+        evidence.extend(ev_rows)
     labels = pd.DataFrame(rows, columns=vocab.columns, dtype=float)
     labels.index = pd.RangeIndex(len(texts))
-    labels.attrs["unusable"] = skipped.to_frame().rename(columns={"case": "row"})
-    ev_cols = ["report", "section", "sentence", "phrase", "start", "end", "label", "assertion", "trigger",
-               "counted"]
-    return labels, pd.DataFrame(evidence, columns=ev_cols), skipped
+    # plain records, not a DataFrame: pandas compares attrs when frames are concatenated or merged
+    labels.attrs["unusable"] = [{"row": r["case"], **{k: r[k] for k in ("stage", "file", "reason")}}
+                                for r in skipped.rows]
+    return labels, pd.DataFrame.from_records(evidence, columns=EV_COLUMNS), skipped
 
 
 def label_reports(texts: list[str], vocabulary: str, lang: str = "en") -> pd.DataFrame:
@@ -670,15 +1023,18 @@ def label_reports(texts: list[str], vocabulary: str, lang: str = "en") -> pd.Dat
     ``vocabulary``: "chest-xray" (CheXpert observations incl. "No Finding"), "abdominal-ct"
     (``lib.synth.LABEL_COLUMNS`` + ``ABNORMAL_COLUMNS``) or a YAML path. ``lang``: "en", "ja" or
     "auto" (per text). Unusable texts (None, NaN, empty, not text, undecodable bytes, too long) give
-    an all-blank row and are listed in ``result.attrs["unusable"]`` (row, reason).
+    an all-blank row and are listed in ``result.attrs["unusable"]``: a list of {row, stage, file,
+    reason} records (``pd.DataFrame(result.attrs["unusable"])`` for a table).
     """
     return _label_batch(texts, vocabulary, lang)[0]
 
 
 def report_evidence(texts: list[str], vocabulary: str, lang: str = "en", ids: list | None = None) -> pd.DataFrame:
     """Every mention behind the labels: report id, section, sentence, matched phrase, character span
-    (in the report text), label, assertion (affirmed/negated/possible/historical/hypothetical/normal),
-    the deciding trigger, and whether it counted (mentions in indication/comparison sections do not)."""
+    (``start``/``end`` in the report text as given, before normalisation), label, assertion
+    (affirmed/negated/possible/historical/hypothetical/normal), the deciding trigger, whether it counted
+    (mentions in indication/comparison sections do not), and the sentence's span (``sentence_start``/
+    ``sentence_end``). ``sentence``/``phrase``/``trigger`` are abridged beyond ``EVIDENCE_CHARS``."""
     return _label_batch(texts, vocabulary, lang, ids)[1]
 
 
@@ -691,19 +1047,48 @@ def label_reports_with_evidence(texts: list[str], vocabulary: str, lang: str = "
 
 # ----------------------------------------------------------------------------- cohort entry point
 
+# characters a CP932 decoding yields from bytes that are not Japanese text (Microsoft private-use
+# fallbacks and C1 controls): their presence means the file is not Shift-JIS either
+_NOT_CP932 = re.compile(r"[\x80-\x9f\ue000-\uf8ff]")
+
+
+def decode_text_file(path: Path, raw: bytes) -> tuple[str, str]:
+    """(text, encoding) of a text file: UTF-8 (with or without BOM), else Shift-JIS / CP932.
+
+    Why: Japanese hospital exports are often CP932, and reading them as UTF-8 with replacement gives
+    all-blank labels without an error. Refused with a DataError when neither decodes, when the CP932
+    reading holds no Japanese text, or when the bytes are mostly valid UTF-8 with a few broken ones (a
+    corrupt UTF-8 file also "decodes" as CP932, as mojibake).
+    """
+    try:
+        return raw.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError as exc:
+        utf8_error = exc
+    where = f"byte 0x{raw[utf8_error.start]:02x} at offset {utf8_error.start}"
+    try:
+        text = raw.decode("cp932")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"neither UTF-8 ({where}) nor Shift-JIS/CP932 ({exc.reason} at offset "
+                              f"{exc.start}); save it as UTF-8") from exc
+    as_utf8 = raw.decode("utf-8", errors="replace")
+    n_bad = as_utf8.count("\ufffd")
+    n_good = len(as_utf8) - len(as_utf8.encode("ascii", errors="ignore")) - n_bad
+    if n_good >= n_bad or _NOT_CP932.search(text) or not _CJK.search(text):
+        raise DataError(path, f"not valid UTF-8 ({n_bad} undecodable byte(s), first {where}) and not "
+                              "Shift-JIS/CP932 Japanese text either; fix or re-export it as UTF-8")
+    return text, "cp932"
+
 
 def read_reports_csv(path: str | Path) -> tuple[pd.DataFrame, SkippedCases]:
-    """reports.csv as strings; bytes that are not UTF-8 are replaced and their rows reported."""
+    """reports.csv as strings, decoded as UTF-8 or Shift-JIS/CP932 (``df.attrs["encoding"]``).
+
+    Returns the table and the skip records of its rows (none are produced while reading; the batch
+    labeller adds unusable rows).
+    """
     path = Path(path)
-    skipped = SkippedCases()
     if not path.exists():
         raise DataError(path, "file not found")
-    raw = path.read_bytes()
-    try:
-        decoded = raw.decode("utf-8-sig")
-        bad = False
-    except UnicodeDecodeError:
-        decoded, bad = raw.decode("utf-8", errors="replace"), True
+    decoded, encoding = decode_text_file(path, path.read_bytes())
     try:
         df = pd.read_csv(io.StringIO(decoded), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -711,12 +1096,63 @@ def read_reports_csv(path: str | Path) -> tuple[pd.DataFrame, SkippedCases]:
     missing = {"study_id", "text"} - set(df.columns)
     if missing:
         raise DataError(path, f"missing column(s) {sorted(missing)}; found {list(df.columns)}")
-    if bad:
-        for sid, text in zip(df["study_id"], df["text"], strict=True):
-            if "\ufffd" in text:
-                skipped.add(sid, DataError(path, "non-UTF-8 bytes replaced by U+FFFD (row still labelled)"),
-                            stage="reports")
-    return df, skipped
+    df.attrs["encoding"] = encoding
+    return df, SkippedCases()
+
+
+def check_label_values(df: pd.DataFrame, columns: Sequence[str] | None = None, source: str | Path = "labels",
+                       allowed: Sequence[float] = LABEL_VALUES) -> pd.DataFrame:
+    """``df`` unchanged when every value of ``columns`` is blank or in ``allowed``, else a DataError.
+
+    Why: a stray "2", "yes" or "0.5" in a labels table would otherwise become a class of its own (or be
+    silently counted as negative). The error names the file (``source``), each bad column and its values.
+    ``columns`` defaults to every column except study_id / patient_id / lang.
+    """
+    cols = list(columns) if columns is not None else [c for c in df.columns
+                                                       if c not in ("study_id", "patient_id", "lang")]
+    ok = {float(v) for v in allowed}
+    problems = []
+    for c in cols:
+        v = df[c]
+        if v.dtype == bool:
+            bad = v.astype(str)
+        else:
+            text = v.astype("string").str.strip()
+            present = v.notna() & (text != "")
+            num = pd.to_numeric(text[present], errors="coerce").astype(float)
+            bad = v[present][~num.isin(ok)]
+        if len(bad):
+            shown = sorted({str(x) for x in bad})[:8]
+            problems.append(f"column {c!r}: {len(bad)} value(s) not in {_allowed_text(ok)}, e.g. {shown}")
+    if problems:
+        raise DataError(source, "; ".join(problems))
+    return df
+
+
+def _allowed_text(ok: set[float]) -> str:
+    return "/".join(f"{v:g}" for v in sorted(ok, reverse=True)) + "/blank"
+
+
+def read_labels(path: str | Path, columns: Sequence[str] | None = None,
+                allowed: Sequence[float] = LABEL_VALUES) -> pd.DataFrame:
+    """A labels table (``labels.csv`` or ``ground_truth/labels.csv``) with its values checked.
+
+    ``attrs["source"]`` keeps the path (a string), so later checks can name the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "labels file not found")
+    try:  # as text first, so an error quotes the values as written ("2", not 2.0)
+        df = pd.read_csv(path, dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not a readable CSV ({exc})") from exc
+    cols = list(columns) if columns is not None else [c for c in df.columns
+                                                       if c not in ("study_id", "patient_id", "lang")]
+    check_label_values(df, cols, path, allowed)
+    for c in cols:
+        df[c] = pd.to_numeric(df[c].astype(object).where(df[c].notna() & (df[c].str.strip() != "")))
+    df.attrs["source"] = str(path)
+    return df
 
 
 def _fingerprint(paths: list[Path], extra: dict) -> str:
@@ -731,8 +1167,10 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
     """Label ``<cohort>/reports.csv`` and write ``run_dir/labels.csv`` + ``run_dir/evidence.csv``.
 
     Idempotent: when reports, vocabulary, triggers, code and arguments are unchanged the cached
-    ``labels.csv`` is returned. ``lang``: "en"/"ja" keep that language's rows; "auto" labels every row
-    in its own language. Never reads ``ground_truth/`` (evaluation is ``evaluate_against``).
+    ``labels.csv`` is returned (its values checked: a hand-edited "2" is refused, not made a class).
+    ``lang``: "en"/"ja" keep that language's rows; "auto" labels every row in its own language.
+    reports.csv may be UTF-8 or Shift-JIS/CP932. Never reads ``ground_truth/`` (evaluation is
+    ``evaluate_against``).
     """
     from lib import config
 
@@ -747,7 +1185,7 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
     meta_path, labels_path, ev_path = run_dir / "labels.json", run_dir / "labels.csv", run_dir / "evidence.csv"
     if (not force and meta_path.exists() and labels_path.exists() and ev_path.exists()
             and json.loads(meta_path.read_text()).get("key") == key):
-        return pd.read_csv(labels_path, dtype={"study_id": str, "patient_id": str, "lang": str})
+        return read_labels(labels_path)
 
     df, skipped = read_reports_csv(path)
     if "lang" not in df.columns:
@@ -769,6 +1207,7 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
         idx = [i for i, x in enumerate(langs) if x == lg]
         lab, ev, sk = _label_batch([texts[i] for i in idx], vocab.path, lg, [df["study_id"][i] for i in idx])
         lab.index = idx
+        lab.attrs = {}  # unusable rows travel in ``skipped``; parts must concatenate whatever their attrs
         parts.append(lab)
         evs.append(ev.rename(columns={"report": "study_id"}).assign(lang=lg))
         skipped.extend(sk)
@@ -785,8 +1224,9 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
         skip_path.unlink()
     meta_path.write_text(json.dumps({"key": key, "cohort": str(cohort_dir), "lang": lang,
                                      "vocabulary": str(vocabulary), "n_reports": len(out),
-                                     "n_unusable": len(skipped)}, indent=1))
-    return pd.read_csv(labels_path, dtype={"study_id": str, "patient_id": str, "lang": str})
+                                     "n_unusable": len(skipped), "encoding": df.attrs.get("encoding", "utf-8")},
+                                    indent=1))
+    return read_labels(labels_path)
 
 
 def ensure_labels(run_dir: str | Path | None = None, profile: str = "smoke", seed: int | None = None,
@@ -808,7 +1248,9 @@ def evaluate_against(truth_df: pd.DataFrame, labels_df: pd.DataFrame, uncertain_
 
     ``truth_df`` holds 0/1 per label (e.g. a synthetic cohort's ground_truth/labels.csv); rows are
     joined on ``study_id``. A label of -1 counts as ``uncertain_as`` (0: U-Zeros, 1: U-Ones); blank
-    counts as 0. The table ends with a "macro" row (mean over labels with positives).
+    counts as 0. The table ends with a "macro" row (mean over labels with positives). Values outside
+    0/1 (truth) or 1/0/-1/blank (labels) are refused with a DataError naming the table
+    (``attrs["source"]`` when read with ``read_labels``), the column and the values.
     """
     from sklearn.metrics import precision_recall_fscore_support
 
@@ -816,6 +1258,12 @@ def evaluate_against(truth_df: pd.DataFrame, labels_df: pd.DataFrame, uncertain_
         raise ValueError("labels_df has several rows per study_id; filter one language first")
     cols = columns or [c for c in labels_df.columns if c in truth_df.columns and c not in
                        ("study_id", "patient_id", "lang")]
+    truth_src = truth_df.attrs.get("source", "truth_df")
+    check_label_values(truth_df, cols, truth_src, allowed=(1, 0))
+    blank = [c for c in cols if truth_df[c].isna().any()]
+    if blank:
+        raise DataError(truth_src, f"blank truth values in column(s) {blank} (truth must be 0 or 1)")
+    check_label_values(labels_df, cols, labels_df.attrs.get("source", "labels_df"))
     merged = truth_df[["study_id", *cols]].merge(labels_df[["study_id", *cols]], on="study_id",
                                                  suffixes=("_true", "_pred"))
     rows, conf = [], []
@@ -865,8 +1313,9 @@ def highlight_html(text: str, evidence: pd.DataFrame) -> str:
 
 
 def label_summary(labels_df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-    """Long table (label, value, count, fraction) for prevalence plots."""
+    """Long table (label, value, count, fraction) for prevalence plots (values outside 1/0/-1/blank refused)."""
     cols = columns or [c for c in labels_df.columns if c not in ("study_id", "patient_id", "lang")]
+    check_label_values(labels_df, cols, labels_df.attrs.get("source", "labels_df"))
     rows = []
     for c in cols:
         v = labels_df[c].astype(float)

@@ -138,7 +138,7 @@ def test_bad_input_gives_blank_rows_and_reasons() -> None:
              b"No gallstone.", "Mixed 肝嚢胞を認める and a renal cyst."]
     lab = reports.label_reports(texts, "abdominal-ct", "en")
     assert len(lab) == len(texts)
-    unusable = lab.attrs["unusable"]
+    unusable = pd.DataFrame(lab.attrs["unusable"])  # plain records, so frames with attrs still concatenate
     assert sorted(unusable["row"].astype(int)) == [1, 2, 3, 4, 5, 6, 7]
     assert lab.iloc[[1, 2, 3, 4, 5, 6, 7]].isna().all().all()
     assert lab.loc[0, "kidney_stone"] == 0 and lab.loc[8, "gallbladder_gallstone"] == 0
@@ -223,10 +223,13 @@ def test_label_cohort_bad_csv(tmp_path) -> None:
         reports.label_cohort(cohort, "en", tmp_path / "r")
     raw = b"study_id,patient_id,lang,text\nS1,P1,en,Renal cyst \xff here.\nS2,P2,en,\nS3,P3,en,No gallstone.\n"
     (cohort / "reports.csv").write_bytes(raw)
+    with pytest.raises(reports.DataError, match=r"reports.csv.*not valid UTF-8.*0xff at offset 50"):
+        reports.label_cohort(cohort, "en", tmp_path / "r")  # neither UTF-8 nor Japanese CP932: refused, not guessed
+    (cohort / "reports.csv").write_bytes(raw.replace(b" \xff", b""))
     lab = reports.label_cohort(cohort, "en", tmp_path / "r")
     assert len(lab) == 3 and lab.loc[0, "kidney_cyst"] == 1 and lab.loc[2, "gallbladder_gallstone"] == 0
     skipped = pd.read_csv(tmp_path / "r" / "skipped_reports.csv")
-    assert set(skipped["case"]) == {"S1", "S2"}
+    assert set(skipped["case"]) == {"S2"}
 
 
 def test_highlight_and_summary() -> None:
