@@ -40,7 +40,6 @@ import gzip
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import zipfile
 from collections.abc import Sequence
@@ -55,7 +54,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from lib import config
+from lib import config, resources
 from lib.imageio import WINDOWS, apply_window, resolve_window  # one windowing for crops, training, serving
 from lib.io import DataError, SkippedCases, check_same_grid, load_nifti
 
@@ -980,14 +979,15 @@ def run_case(case: dict, structures: Sequence[str], out_dir: str, params: CropPa
 
 
 def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | Path, mode: str = "bbox", *,
-                name: str | None = None, workers: int = 1, force: bool = False, progress: bool = True,
+                name: str | None = None, workers: int | None = None, force: bool = False, progress: bool = True,
                 **params: object) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Crop ``structures`` of every case into ``out_dir/<name>/`` and update ``out_dir/index.csv``.
 
     ``params`` are :class:`CropParams` fields (margin_mm, size, fit, spacing, window, fmt, k, ...).
     ``name`` (sub-folder) defaults to the mode for npz samples and ``<mode>3d`` for NIfTI crops.
     Cases whose inputs and parameters did not change are read from the manifest, not recomputed.
-    Runs in-process for ``workers=1`` and in a process pool otherwise. Returns (index, skipped); the
+    Runs in-process for ``workers=1`` and in a process pool otherwise (default: one worker per core granted,
+    ``lib.resources.workers``). Returns (index, skipped); the
     index has one row per written crop (this call's rows), and ``out_dir/index.csv`` keeps other
     sub-folders' rows. ``skipped`` starts with what :func:`discover_cases` left out of ``cases``
     (``cases.attrs["skipped"]``), so a notebook shows every unusable file in one table.
@@ -1001,6 +1001,7 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
     skips: list[dict] = [dict(r) for r in cases.attrs.get("skipped", [])]
     computed = 0
     bar = tqdm(total=len(records), desc=f"crop {name}", disable=not progress, leave=False)
+    workers = resources.workers(limit=len(records)) if workers is None else workers
     if workers <= 1 or len(records) <= 1:
         for rec in records:
             r, s, c = run_case(rec, list(structures), str(out), p, name, force)
@@ -1009,7 +1010,7 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
             computed += c
             bar.update()
     else:
-        ctx = _pool_context()
+        ctx = resources.pool_context("lib.crop")  # workers start in milliseconds
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futs = [pool.submit(run_case, rec, list(structures), str(out), p, name, force) for rec in records]
             for fut in as_completed(futs):
@@ -1026,16 +1027,6 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
     _merge_index(out / "index.csv", index, name)
     skipped.to_csv(out / name / "skipped.csv", index=False)
     return index, skipped
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """forkserver (no fork of a notebook kernel's threads) with this module preloaded once, so each
-    worker starts in milliseconds instead of re-importing numpy/scipy/nibabel; spawn elsewhere."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["lib.crop"])
-    return ctx
 
 
 def _merge_index(path: Path, index: pd.DataFrame, name: str) -> None:

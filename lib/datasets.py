@@ -131,9 +131,9 @@ def load_labels(source: str = "reports", run_dir: str | Path | None = None,
         path = Path(cohort_dir or ".") / "ground_truth" / "labels.csv"
     else:
         raise ValueError(f"label source must be reports|truth, got {source!r}")
-    if not path.exists():
-        raise DataError(path, "labels file not found")
-    df = pd.read_csv(path)
+    from lib.reports import read_labels
+
+    df = read_labels(path)  # values outside 1/0/-1/blank are an error naming the file, never a new class
     if "study_id" not in df:
         raise DataError(path, f"no study_id column (columns: {list(df.columns)})")
     return df

@@ -6,7 +6,6 @@ case table, so the notebook changes only its ``dataset`` parameter.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import seaborn as sns
 from tqdm.auto import tqdm
 
 from lib import config, synth
+from lib.crop import load_class_map
 from lib.io import DataError, SkippedCases, load_case, voxel_volume_ml
+from lib.reports import read_labels
 
 
 @dataclass
@@ -31,14 +32,6 @@ class CTDataset:
     class_map: dict[int, str]
     reports: pd.DataFrame | None = None
     truth: pd.DataFrame | None = None  # only for EDA of the synthetic cohort; never for labelling
-
-
-def load_class_map(path: Path, task: str = "total") -> dict[int, str]:
-    """Class map JSON: either {"1": "spleen"} or TotalSegmentator's {"total": {...}, "total_mr": {...}}."""
-    raw = json.loads(Path(path).read_text())
-    if task in raw and isinstance(raw[task], dict):
-        raw = raw[task]
-    return {int(k): str(v) for k, v in raw.items()}
 
 
 def open_dataset(dataset: str = "synthetic", profile: str = "smoke", seed: int = config.DEFAULT_SEED) -> CTDataset:
@@ -66,7 +59,7 @@ def _folder_dataset(root: Path, name: str) -> CTDataset:
                           "mask": [str(root / p) for p in st.seg_path]})
     reports = pd.read_csv(root / "reports.csv") if (root / "reports.csv").exists() else None
     truth_csv = root / "ground_truth" / "labels.csv"
-    truth = pd.read_csv(truth_csv) if truth_csv.exists() else None
+    truth = read_labels(truth_csv) if truth_csv.exists() else None
     return CTDataset(name, root, cases, load_class_map(root / "class_map.json"), reports, truth)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -135,21 +136,40 @@ def _fold_job(ds: CachedDataset, k: int, tr_idx: np.ndarray, va_idx: np.ndarray,
     return log, p, predict_probs(model, ds.x[test_idx], ds.task) if len(test_idx) else None
 
 
-def _train_folds(ds: CachedDataset, jobs: list[tuple[int, np.ndarray, np.ndarray]], test_idx: np.ndarray,
-                 out_dir: Path, cfg: train.TrainConfig, kwargs: dict, workers: int | None = None) -> list[tuple]:
-    """Every fold's ``_fold_job``: in this process when one worker is asked for (or a GPU trains), else in a
-    process pool so every granted core trains a fold (small CPU models use one core poorly)."""
-    workers = resources.workers(limit=len(jobs)) if workers is None else min(workers, len(jobs))
-    if workers <= 1 or config.device(cfg.device).type == "cuda":
-        return [_fold_job(ds, k, tr, va, test_idx, out_dir, cfg, kwargs, 0) for k, tr, va in jobs]
-    from concurrent.futures import ProcessPoolExecutor
+def fold_pool(n_jobs: int) -> tuple[ProcessPoolExecutor | None, int]:
+    """(process pool, torch threads per worker) for ``n_jobs`` fold trainings: one worker per granted core; no pool
+    (folds train in this process) with one core or on a GPU. Several k-fold runs may share one pool."""
+    workers = resources.workers(limit=n_jobs)
+    if workers <= 1 or config.device("auto").type == "cuda":
+        return None, 0
+    pool = ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.kfold"))
+    return pool, resources.threads_per_worker(workers)
 
-    threads = resources.threads_per_worker(workers)
+
+def _train_folds(ds: CachedDataset, jobs: list[tuple[int, np.ndarray, np.ndarray]], test_idx: np.ndarray,
+                 out_dir: Path, cfg: train.TrainConfig, kwargs: dict, workers: int | None = None,
+                 pool: tuple[ProcessPoolExecutor | None, int] | None = None) -> list[tuple]:
+    """Every fold's ``_fold_job``: in a process pool so every granted core trains a fold (small CPU models use
+    one core poorly), or in this process when one worker is asked for or a GPU trains. ``pool``: a shared
+    ``fold_pool``; ``workers`` otherwise sizes a pool of this call's own."""
+    if pool is None:
+        if workers == 1 or (workers is None and resources.workers(limit=len(jobs)) <= 1):
+            pool = (None, 0)
+        elif workers is None:
+            pool = fold_pool(len(jobs))
+        else:
+            pool = (ProcessPoolExecutor(min(workers, len(jobs)), mp_context=resources.pool_context("lib.kfold")),
+                    max(1, resources.threads() // min(workers, len(jobs))))
+        if pool[0] is not None:
+            with pool[0]:
+                return _train_folds(ds, jobs, test_idx, out_dir, cfg, kwargs, pool=pool)
+    executor, threads = pool
+    if executor is None:
+        return [_fold_job(ds, k, tr, va, test_idx, out_dir, cfg, kwargs, 0) for k, tr, va in jobs]
     ds = replace(ds, skipped=SkippedCases())  # the skip records stay here; workers need the tensors only
-    with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.kfold")) as pool:
-        futures = [pool.submit(_fold_job, ds, k, tr, va, test_idx, out_dir, cfg, kwargs, threads)
-                   for k, tr, va in jobs]
-        return [f.result() for f in futures]
+    futures = [executor.submit(_fold_job, ds, k, tr, va, test_idx, out_dir, cfg, kwargs, threads)
+               for k, tr, va in jobs]
+    return [f.result() for f in futures]
 
 
 def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, model_name: str = models.DEFAULT_MODEL,
@@ -157,7 +177,8 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
               batch_size: int = 32, eval_col: str | None = None, uncertain: str = "ignore", pretrained: bool = False,
               threshold: float = 0.5, n_boot: int = 1000, folds: pd.Series | None = None,
               model_kwargs: dict | None = None, train_mask: np.ndarray | None = None,
-              bn_momentum: float | None = None, workers: int | None = None) -> KFoldResult:
+              bn_momentum: float | None = None, workers: int | None = None,
+              pool: tuple[ProcessPoolExecutor | None, int] | None = None) -> KFoldResult:
     """Train one model per fold (``out_dir/fold<k>/best.pt``), predict its validation fold and the test part.
 
     ``eval_col`` names a table column with the labels to score against (e.g. ``truth`` on the synthetic
@@ -165,6 +186,7 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
     keeps rows out of training (no usable training label) while they are still predicted and scored out of
     fold. Folds train in ``workers`` processes at once (default: one per granted core), each
     with an equal share of the torch threads; a fold's numbers do not depend on which process trained it.
+    ``pool`` (a ``fold_pool``) lets several runs share the workers.
     Writes ``oof.csv``,
     ``test_predictions.csv``, ``metrics.json``, ``ensembles.csv`` and ``logs.csv``.
     """
@@ -188,7 +210,7 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
         jobs.append((k, tr_idx, va_idx))
     kwargs = {"model_name": model_name, "augment": augment, "batch_size": batch_size, "uncertain": uncertain,
               "pretrained": pretrained, "model_kwargs": model_kwargs, "bn_momentum": bn_momentum}
-    done = _train_folds(ds, jobs, test_idx, out_dir, cfg, kwargs, workers)
+    done = _train_folds(ds, jobs, test_idx, out_dir, cfg, kwargs, workers, pool)
     oof_parts, logs, ckpts, test_probs = [], [], [], {}
     for (k, _, va_idx), (log, p, p_test) in zip(jobs, done, strict=True):
         logs.append(log.assign(fold=k))
@@ -360,14 +382,21 @@ def label_noise_study(ds_reports: CachedDataset, ds_truth: CachedDataset, out_di
                                    **kw)
     results = {"reports": reports_result,
                "truth": run_kfold(ds_truth, out_dir / "truth", cfg, folds=folds, eval_col="truth", **kw)}
-    truth = ds_truth.table["truth"].to_numpy(dtype=float)
+    return noise_summary(ds_r, usable, results, out_dir), results
+
+
+def noise_summary(ds_r: CachedDataset, usable: np.ndarray, results: dict[str, KFoldResult],
+                  out_dir: str | Path) -> pd.DataFrame:
+    """``noise_table`` with the label counts behind it (wrong, missing), written to ``label_noise.csv``."""
+    truth = ds_r.table["truth"].to_numpy(dtype=float)
     report_target = ds_r.table["target"].to_numpy(dtype=float)
     wrong = int((report_target[usable] != truth[usable]).sum())
     table = noise_table(results).assign(
         n_rows=len(truth), n_report_labels=[int(usable.sum()), len(truth)],
         n_wrong_labels=[wrong, 0], n_missing_labels=[int((~usable).sum()), 0])
-    table.to_csv(out_dir / "label_noise.csv", index=False)
-    return table, results
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    table.to_csv(Path(out_dir) / "label_noise.csv", index=False)
+    return table
 
 
 def noise_table(results: dict[str, KFoldResult]) -> pd.DataFrame:
@@ -471,7 +500,7 @@ STAGE_DEFAULTS: dict = {
     "channels": 1, "model_name": "mil:resnet10t", "pretrained": False, "n_splits": 3, "test_fraction": 0.2,
     "epochs": 10, "batch_size": 8, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine", "patience": 0,
     "augment": "light", "uncertain": "ignore", "threshold": 0.5, "n_boot": 200, "bn_momentum": 0.5,
-    "model_kwargs": {}, "ema_decay": 0.0, "select": "last",
+    "model_kwargs": {"channels": [32, 64, 128, 256], "stem_width": 16}, "ema_decay": 0.0, "select": "last",
 }
 
 
@@ -560,11 +589,14 @@ def _run_kwargs(params: dict, group_col: str) -> dict:
 
 
 def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed: int = config.DEFAULT_SEED,
-                 name: str = STAGE_NAME, force: bool = False, progress: bool = False, **overrides) -> Path:
+                 name: str = STAGE_NAME, force: bool = False, progress: bool = False, label_noise: bool = False,
+                 **overrides) -> Path:
     """Idempotent stage 04: ``run_dir/kfold/<name>/`` with ``fold<k>/best.pt``, ``oof.csv``, ``metrics.json``, figures.
 
     Reuses a finished run with the same parameters (``params.json``); a run with other parameters under the
-    same name is removed and retrained; an interrupted one resumes from its ``last.pt`` files. Parameters are
+    same name is removed and retrained; an interrupted one resumes from its ``last.pt`` files. With
+    ``label_noise`` on the synthetic cohort the label-noise study's truth arm (``ensure_label_noise`` with the
+    same parameters) trains in the same worker pool, side by side with these folds. Parameters are
     ``stage_params(profile, **overrides)``: what notebook 04 uses for that profile, so notebooks 05 and 07
     get the same models when they call this standalone.
     """
@@ -596,7 +628,27 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
         ds_truth, _ = build_stage_dataset(params, run_dir, profile, seed, label_source="truth")
         ds, train_mask = report_arm(ds, ds_truth)
     cfg = train_config(params, ds.task, seed, progress)
-    result = run_kfold(ds, out, cfg, eval_col=eval_col, train_mask=train_mask, **_run_kwargs(params, group_col))
+    kw = _run_kwargs(params, group_col)
+    if not (label_noise and train_mask is not None):
+        result = run_kfold(ds, out, cfg, eval_col=eval_col, train_mask=train_mask, **kw)
+    else:  # one pool for both arms: 2n folds keep every worker busy where n alone would leave one idle
+        folds = assign_folds(ds, group_col, params["n_splits"], params["test_fraction"], cfg.seed, eval_col)
+        noise_dir = out / "label_noise"
+        if noise_dir.exists():
+            shutil.rmtree(noise_dir)
+        pool = fold_pool(2 * params["n_splits"])
+        try:
+            with ThreadPoolExecutor(1) as side:
+                truth_arm = side.submit(run_kfold, ds_truth, noise_dir / "truth", cfg, folds=folds, eval_col="truth",
+                                        pool=pool, **kw)
+                result = run_kfold(ds, out, cfg, eval_col=eval_col, train_mask=train_mask, folds=folds, pool=pool,
+                                   **kw)
+                truth_result = truth_arm.result()
+        finally:
+            if pool[0] is not None:
+                pool[0].shutdown()
+        noise_summary(ds, train_mask, {"reports": result, "truth": truth_result}, noise_dir)
+        (noise_dir / PARAMS_FILE).write_text(json.dumps(new, indent=1))  # written last: the study is complete
     figures(result, ds.task, ds.label_names, params["threshold"])
     return out
 

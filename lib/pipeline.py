@@ -10,7 +10,8 @@ notebooks run side by side. ``--only`` runs just the chosen stages: their depend
 notebook computes the upstream artefacts it misses), but the chosen stages still start in graph order.
 
 Cores: the run has a budget (``--cores``, ``MEDNB_CORES``, else every core) and each stage is granted cores
-out of it (:data:`PREFERRED_CORES`: k-fold takes the whole budget, every other stage one core). The sum of
+out of it (:data:`PREFERRED_CORES`: the stages with per-case or per-fold worker pools -- crop, k-fold,
+explanations, segmentation -- take the whole budget, every other stage one core). The sum of
 granted cores never exceeds the budget. Scheduling policy: ready stages start in critical-path order (the
 stage with the longest chain of stages after it first: 01/02, then 04, then the rest, ties by number); when
 the first ready stage in that order does not fit in the free cores, nothing after it starts either, so the
@@ -80,7 +81,7 @@ DAG: dict[str, tuple[str, ...]] = {
 }
 
 #: Cores a stage would like; ``None`` = the whole budget. Stages not listed take one core.
-PREFERRED_CORES: dict[str, int | None] = {"04": None}
+PREFERRED_CORES: dict[str, int | None] = {"02": None, "04": None, "05": None, "06": None}
 
 #: Inputs that several stages generate for themselves when missing, as ``"module:function"`` (called with
 #: ``profile, seed``) -> the stages that read them. Stages running side by side would otherwise generate the same
@@ -926,9 +927,6 @@ def _run_stage(spec_path: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline decides when a stage stops
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.captureWarnings(True)
-    # jsonschema builds an IRI grammar at import when rfc3987-syntax is installed (seconds of CPU per process);
-    # notebook validation uses no IRI format, and jsonschema skips that check when the module cannot be imported.
-    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
     import papermill as pm
     from papermill.engines import papermill_engines
 

@@ -811,6 +811,32 @@ class KFoldResult:
     out_dir: Path
 
 
+def _fold_job(data: SegData, k: int, tr: np.ndarray, va: np.ndarray, cfg: SegConfig, out_dir: Path, target: str,
+              threads: int) -> tuple[pd.DataFrame, torch.Tensor]:
+    """Train fold ``k`` and predict its validation images (runs in a worker process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, log = train_fold(data, tr, va, cfg, out_dir / f"fold{k}", target)
+    return log, predict_probs(model, data.x[va])
+
+
+def _train_folds(data: SegData, jobs: list[tuple[int, np.ndarray, np.ndarray]], cfg: SegConfig, out_dir: Path,
+                 target: str) -> list[tuple[pd.DataFrame, torch.Tensor]]:
+    """Every fold's ``_fold_job``, one worker process per granted core (in this process with one core or on a
+    GPU); each fold is seeded by its settings alone, so the numbers do not depend on the number of workers."""
+    from lib import resources
+
+    workers = resources.workers(limit=len(jobs))
+    if workers <= 1 or torch.cuda.is_available():
+        return [_fold_job(data, k, tr, va, cfg, out_dir, target, cfg.threads) for k, tr, va in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = resources.threads_per_worker(workers)
+    with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.segment")) as pool:
+        futures = [pool.submit(_fold_job, data, k, tr, va, cfg, out_dir, target, threads) for k, tr, va in jobs]
+        return [f.result() for f in futures]
+
+
 def run_kfold(data: SegData, cfg: SegConfig, out_dir: str | Path, folds: Sequence[int] | None = None,
               target: str = "lesion") -> KFoldResult:
     """Grouped k-fold training; writes ``fold<k>/{best,last}.pt, log.csv``, ``oof.csv`` and ``metrics.json``.
@@ -829,10 +855,8 @@ def run_kfold(data: SegData, cfg: SegConfig, out_dir: str | Path, folds: Sequenc
     stamp_path.write_text(json.dumps(stamp, indent=1))
     probs = np.full((len(data), data.x.shape[-2], data.x.shape[-1]), np.nan, np.float32)
     rows, logs = [], {}
-    for k in todo:
-        tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        model, logs[k] = train_fold(data, tr, va, cfg_run, out_dir / f"fold{k}", target)
-        p = predict_probs(model, data.x[va])
+    jobs = [(k, np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)) for k in todo]
+    for (k, _, va), (logs[k], p) in zip(jobs, _train_folds(data, jobs, cfg_run, out_dir, target), strict=True):
         probs[va] = p[:, 0].numpy()
         pred, truth = p > cfg.threshold, data.y[va] > 0.5
         dice, iou = dice_iou(pred, truth)

@@ -3,7 +3,7 @@
 Why: classification, k-fold and segmentation differ only in the loss and in how validation outputs
 are scored, so they share ``fit``. The loop owns what is easy to get wrong: exact resume after an
 interruption (epoch-seeded RNG + optimizer/scheduler state in ``last.pt``), early stopping on a named
-metric, AMP/channels_last only where they help (CUDA), and DistributedDataParallel under ``torchrun``.
+metric, AMP where it helps (CUDA), channels_last memory layout, and DistributedDataParallel under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class TrainConfig:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     monitor: str = "auc"  # key of evaluate_fn's dict, or "val_loss"
     mode: str = "max"  # max | min
-    amp: bool = True  # only used on CUDA
-    channels_last: bool = True  # only used on CUDA
+    amp: bool = True  # only used on CUDA (CPU bfloat16 autocast cost AUC on small from-scratch CNNs)
+    channels_last: bool = True  # CUDA, and float32 CPU convolutions (oneDNN; ~1.4x faster for the k-fold CNN)
     grad_clip: float = 0.0  # max grad norm; 0 = off
     seed: int = config.DEFAULT_SEED
     device: str = "auto"
@@ -376,7 +376,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     created_group = init_distributed(dev)
     main = rank == 0
     cuda = dev.type == "cuda"
-    use_amp, channels_last = cfg.amp and cuda, cfg.channels_last and cuda
+    use_amp, channels_last = cfg.amp and cuda, cfg.channels_last
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -206,6 +206,13 @@ def test_label_noise_study_reuses_the_stage_run_as_its_report_arm(tmp_path: Path
     assert table["n_missing_labels"].tolist() == [len(blank), 0]
     again, _ = kfold.ensure_label_noise(tmp_path, "smoke", SEED, **kw)
     pd.testing.assert_frame_equal(again, table)
+    # both arms in one worker pool (what notebook 04 does): the same numbers as one after the other
+    joint = tmp_path / "joint"
+    kfold.ensure_kfold(joint, "smoke", SEED, label_noise=True, **kw)
+    assert (joint / "kfold" / "model" / "label_noise" / "label_noise.csv").exists()
+    cached, joint_results = kfold.ensure_label_noise(joint, "smoke", SEED, **kw)
+    pd.testing.assert_frame_equal(cached, table)
+    pd.testing.assert_frame_equal(joint_results["truth"].oof, results["truth"].oof)
 
 
 # ----------------------------------------------------------------------------- predict / merge
