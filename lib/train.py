@@ -384,6 +384,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         torch.set_num_threads(cfg.threads)
     config.seed_everything(cfg.seed)
     model.to(dev)
+    if channels_last and any(p.dim() == 5 for p in model.parameters()):
+        channels_last = False  # 3D networks: channels_last is a 2D (NCHW) layout
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
