@@ -382,7 +382,10 @@ def generate_cohort(spec: CohortSpec, out: Path, workers: int | None = None) -> 
     if workers <= 1:
         done = [_write_study(spec, st, out) for st in records]
     else:
-        with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.synth")) as pool:
+        # preload the heavy imports, not lib.synth itself: under `python -m lib.synth` each worker re-runs the main
+        # module, which must not be imported already
+        ctx = resources.pool_context("lib.synth_text", "nibabel", "scipy.ndimage")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             done = list(pool.map(_write_study, [spec] * len(records), records, [out] * len(records),
                                  chunksize=4))
     rows = [row for row, _ in done]
