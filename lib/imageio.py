@@ -298,6 +298,11 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP"}
 _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+def check_image_size(im: Any, label: str | Path) -> None:
+    """The declared-size check of ``read_image`` for an image another reader opened with PIL (before ``load()``)."""
+    _check_pil_size(im, str(label), (im.format or "image").lower(), current_limits())
+
+
 def _check_pil_size(im: Any, label: str, kind: str, limits: DecodeLimits) -> None:
     w, h = im.size
     values = w * h * (1 if im.mode in _GREY_MODES else 3)

@@ -225,8 +225,11 @@ def n_duplicate_groups(groups: pd.Series) -> int:
 
 def _read_gray(path: Path) -> Image.Image:
     """Decode by content (some '.jpg' files are PNG); DICOM via pydicom. Grayscale for hashing."""
+    from lib.imageio import check_image_size
+
     try:
         with Image.open(path) as im:
+            check_image_size(im, path)  # declared size first: a 90-kB PNG can declare 10^10 pixels
             if im.format == "JPEG":  # decode at 1/2..1/8 scale: 2x faster, hashes look at 64 px anyway
                 im.draft("L", (256, 256))
             im.load()
@@ -236,6 +239,8 @@ def _read_gray(path: Path) -> Image.Image:
             return im.convert("L")
     except UnidentifiedImageError:
         pass  # maybe DICOM, tried below
+    except Image.DecompressionBombError as exc:
+        raise DataError(path, f"image declares too many pixels to decode ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # truncated JPEG/PNG raise OSError
         raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
     try:

@@ -185,3 +185,27 @@ def test_augment_skips_metatensor_bookkeeping_without_changing_values():
         out = ours(x)
         assert type(out) is torch.Tensor and torch.equal(out, bare(x).as_tensor())
     assert get_track_meta()
+
+
+def test_folder_dataset_skips_and_records_a_decompression_bomb(tmp_path: Path) -> None:
+    """A PNG declaring 100000 x 100000 pixels in a class folder is skipped with its reason, not a crash."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    for cls in ("no", "yes"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            pixels = np.random.default_rng(i + 10 * (cls == "yes")).integers(0, 255, (32, 32), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    (tmp_path / "yes" / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                               + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    ds, _ = datasets.build_dataset(str(tmp_path), size=16)
+    assert len(ds) == 8
+    reasons = [r["reason"] for r in ds.skipped.rows if "bomb" in r["case"] or r["file"].endswith("bomb.png")]
+    assert reasons and "too many pixels" in reasons[0]
