@@ -747,6 +747,45 @@ def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[
     return table.reset_index(drop=True), np.stack(xs)
 
 
+_PREDICT_CACHE: dict[str, object] = {}  # the last decoded inputs and their per-checkpoint probabilities
+
+
+def _file_key(path: Path) -> list:
+    st = path.stat() if path.exists() else None
+    return [str(path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0]
+
+
+def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """``_inputs_for`` decoded once per folder content and recipe: predicting with each fold model and with
+    their ensemble (notebook 04's predict / merge check) reads the crops once, not once per call."""
+    import hashlib
+    import json
+
+    source = Path(source)
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    listing = hashlib.sha256(json.dumps([_file_key(f) for f in files if f.is_file()]).encode()).hexdigest()
+    key = json.dumps([listing, spec], default=str, sort_keys=True)
+    if _PREDICT_CACHE.get("key") != key:
+        fresh = SkippedCases()
+        table, x = _inputs_for(source, spec, fresh)
+        _PREDICT_CACHE.clear()
+        _PREDICT_CACHE.update(key=key, table=table, x=x, skipped=fresh.rows, probs={})
+    skipped.rows.extend(_PREDICT_CACHE["skipped"])
+    return _PREDICT_CACHE["table"].copy(), _PREDICT_CACHE["x"], key
+
+
+def _cached_probs(ckpt: str | Path, x: np.ndarray, key: str, task: str, device: torch.device) -> np.ndarray:
+    """One checkpoint's probabilities on the cached inputs (computed once per checkpoint file and inputs)."""
+    import json
+
+    ckpt_key = json.dumps([_file_key(Path(ckpt)), key, str(device)])
+    probs = _PREDICT_CACHE.setdefault("probs", {})
+    if ckpt_key not in probs:
+        model, _ = models.load_checkpoint(ckpt, device)
+        probs[ckpt_key] = predict_probs(model, torch.from_numpy(x), task)
+    return probs[ckpt_key]
+
+
 def predict(checkpoints: Sequence[str | Path], source: str | Path, out_csv: str | Path | None = None,
             how: str = "mean", threshold: float = 0.5, device: str = "auto") -> pd.DataFrame:
     """Predictions CSV for a folder of images or crops with one model or a fold ensemble (``mean`` | ``mode``).
@@ -760,11 +799,10 @@ def predict(checkpoints: Sequence[str | Path], source: str | Path, out_csv: str 
     if not checkpoints:
         raise ValueError("predict: no checkpoints given")
     dev = config.device(device)
-    loaded = [models.load_checkpoint(c, dev) for c in checkpoints]
-    meta = loaded[0][1]
+    meta = models.load_checkpoint(checkpoints[0], dev)[1]
     skipped = SkippedCases()
-    table, x = _inputs_for(source, meta.get("preprocessing", {}), skipped)
-    probs = [predict_probs(m, torch.from_numpy(x), meta["task"]) for m, _ in loaded]
+    table, x, key = _cached_inputs(source, meta.get("preprocessing", {}), skipped)
+    probs = [_cached_probs(c, x, key, meta["task"], dev) for c in checkpoints]
     names = list(meta.get("label_names") or [f"class{i}" for i in range(meta["num_classes"])])
     mean = metrics.ensemble_mean(probs)
     p2 = mean.reshape(len(mean), -1)
@@ -778,7 +816,7 @@ def predict(checkpoints: Sequence[str | Path], source: str | Path, out_csv: str 
     table["pred"] = pred[:, 0] if pred.shape[1] == 1 else ["|".join(map(str, r)) for r in pred]
     if meta["task"] == "multiclass":
         table["pred_label"] = [names[i] for i in table["pred"]]
-    table["n_models"] = len(loaded)
+    table["n_models"] = len(checkpoints)
     if out_csv is not None:
         out_csv = Path(out_csv)
         out_csv.parent.mkdir(parents=True, exist_ok=True)

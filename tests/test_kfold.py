@@ -252,6 +252,11 @@ def test_predict_folder_mean_and_mode(image_models, tmp_path: Path) -> None:
     votes = np.stack([s["pred"].to_numpy() for s in singles])
     np.testing.assert_array_equal(mode["pred"], metrics.ensemble_vote(list(votes)))
     assert set(mean["pred_label"]) <= {"x", "y", "z"}
+    kfold._PREDICT_CACHE.clear()  # decoded once and reused across calls: the same numbers as a fresh decode
+    pd.testing.assert_frame_equal(kfold.predict(ckpts, folder, how="mean"), mean)
+    (folder / "b" / "extra.png").write_bytes((folder / "b" / "0.png").read_bytes())
+    assert len(kfold.predict(ckpts, folder)) == 7, "a changed folder is decoded again"
+    (folder / "b" / "extra.png").unlink()
 
 
 def test_merge_by_mean_and_mode_and_cli(image_models, tmp_path: Path) -> None:
