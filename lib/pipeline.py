@@ -66,7 +66,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from lib import config, resources
+from lib import config, params, resources
 
 #: Stage graph, by notebook number: the stages whose artefacts each stage reads.
 DAG: dict[str, tuple[str, ...]] = {
@@ -118,6 +118,15 @@ def profile_parameters(notebook: Path, profile: str) -> dict:
     if profile not in table:
         raise KeyError(f"{path}: no '{profile}' profile (has {sorted(table)})")
     return dict(table[profile] or {})
+
+
+def check_profiles(chosen: list[Path], profile: str) -> None:
+    """Validate the profile parameters of every chosen notebook against its declared types
+    (:mod:`lib.params`), so a bad profile file fails before any stage runs rather than midway."""
+    for nb in chosen:
+        if nb.stem in params.TYPES:
+            path = config.PROFILES / f"{nb.stem}.yaml"
+            params.check_profile(nb.stem, profile_parameters(nb, profile), f"{path} ({profile} profile)")
 
 
 def run_path(run_id: str) -> Path:
@@ -533,10 +542,12 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
     if resume:
         run_dir, info = _resume_dir(profile, run_id, seed)
         only = only or info.get("only")
+        check_profiles(notebooks(only), profile)
         _stop_leftovers(info)
         info["stages"] = [s for s in info.get("stages", []) if s.get("status") != "pending"]
         info.setdefault("attempts", []).append(attempt)
     else:
+        check_profiles(notebooks(only), profile)
         run_dir = new_run_dir(profile, run_id)
         info = {"profile": profile, "seed": seed, "only": only, "commit": attempt["commit"],
                 "python": platform.python_version(), "started": attempt["started"], "cores": budget,
@@ -738,8 +749,8 @@ def _launch(stage: _Stage, cores: int, run_dir: Path, kernel: str, profile: str,
     _keep_earlier(files["log"], stem, ".log")
     for key in ("progress", "result"):
         files[key].unlink(missing_ok=True)
-    params = {**profile_parameters(nb, profile), "profile": profile, "seed": seed, "run_dir": str(run_dir)}
-    _write_json(files["spec"], {"notebook": str(nb), "output": str(out_nb), "parameters": params, "kernel": kernel,
+    values = {**profile_parameters(nb, profile), "profile": profile, "seed": seed, "run_dir": str(run_dir)}
+    _write_json(files["spec"], {"notebook": str(nb), "output": str(out_nb), "parameters": values, "kernel": kernel,
                                 "cwd": str(config.NOTEBOOKS), "progress": str(files["progress"]),
                                 "result": str(files["result"]), "parent": os.getpid()})
     env = {**os.environ, **resources.thread_env(cores), "PYTHONUNBUFFERED": "1"}
