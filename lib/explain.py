@@ -587,16 +587,15 @@ def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence
     from lib import resources
 
     n = len(xs)
-    workers = resources.workers(limit=n) if workers is None else min(workers, n)
-    if workers <= 1 or next(explainers[0].model.parameters()).is_cuda:
+    workers = resources.workers(limit=n) if workers is None else max(1, min(workers, n))
+    pool, threads = ((None, 0) if next(explainers[0].model.parameters()).is_cuda
+                     else resources.worker_pool(n, "lib.explain", n_workers=workers))
+    if pool is None:
         results = [explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw)
                    for i in tqdm(range(n), desc="explain", disable=not progress)]
     else:
-        from concurrent.futures import ProcessPoolExecutor
-
         shares = [list(range(w, n, workers)) for w in range(workers)]
-        threads = resources.threads_per_worker(workers)
-        with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.explain")) as pool:
+        with pool:
             futures = [pool.submit(_explain_cases, list(explainers), xs[idx], [lesions[i] for i in idx],
                                    [sample_ids[i] for i in idx], threads, kw) for idx in shares]
             by_index = {i: r for idx, f in zip(shares, futures, strict=True) for i, r in zip(idx, f.result(),

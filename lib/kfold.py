@@ -136,30 +136,23 @@ def _fold_job(ds: CachedDataset, k: int, tr_idx: np.ndarray, va_idx: np.ndarray,
     return log, p, predict_probs(model, ds.x[test_idx], ds.task) if len(test_idx) else None
 
 
-def fold_pool(n_jobs: int) -> tuple[ProcessPoolExecutor | None, int]:
-    """(process pool, torch threads per worker) for ``n_jobs`` fold trainings: one worker per granted core; no pool
-    (folds train in this process) with one core or on a GPU. Several k-fold runs may share one pool."""
-    workers = resources.workers(limit=n_jobs)
-    if workers <= 1 or config.device("auto").type == "cuda":
+def fold_pool(n_jobs: int, workers: int | None = None) -> tuple[ProcessPoolExecutor | None, int]:
+    """(process pool, torch threads per worker) for ``n_jobs`` fold trainings: one worker per granted core (or
+    ``workers``); no pool (folds train in this process) with one worker or on a GPU. Several k-fold runs may
+    share one pool."""
+    if config.device("auto").type == "cuda":
         return None, 0
-    pool = ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.kfold"))
-    return pool, resources.threads_per_worker(workers)
+    return resources.worker_pool(n_jobs, "lib.kfold", n_workers=workers)
 
 
 def _train_folds(ds: CachedDataset, jobs: list[tuple[int, np.ndarray, np.ndarray]], test_idx: np.ndarray,
                  out_dir: Path, cfg: train.TrainConfig, kwargs: dict, workers: int | None = None,
                  pool: tuple[ProcessPoolExecutor | None, int] | None = None) -> list[tuple]:
     """Every fold's ``_fold_job``: in a process pool so every granted core trains a fold (small CPU models use
-    one core poorly), or in this process when one worker is asked for or a GPU trains. ``pool``: a shared
-    ``fold_pool``; ``workers`` otherwise sizes a pool of this call's own."""
+    one core poorly), or in this process with one worker or on a GPU. ``pool``: a shared ``fold_pool``;
+    otherwise this call makes its own of ``workers``."""
     if pool is None:
-        if workers == 1 or (workers is None and resources.workers(limit=len(jobs)) <= 1):
-            pool = (None, 0)
-        elif workers is None:
-            pool = fold_pool(len(jobs))
-        else:
-            pool = (ProcessPoolExecutor(min(workers, len(jobs)), mp_context=resources.pool_context("lib.kfold")),
-                    max(1, resources.threads() // min(workers, len(jobs))))
+        pool = fold_pool(len(jobs), workers)
         if pool[0] is not None:
             with pool[0]:
                 return _train_folds(ds, jobs, test_idx, out_dir, cfg, kwargs, pool=pool)

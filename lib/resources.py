@@ -79,3 +79,16 @@ def pool_context(*preload: str):  # noqa: ANN201 (multiprocessing context)
     if preload:
         ctx.set_forkserver_preload(list(preload))
     return ctx
+
+
+
+def worker_pool(n_jobs: int, *preload: str, n_workers: int | None = None):  # noqa: ANN201 (executor, threads)
+    """(process pool, torch threads per worker) for ``n_jobs`` independent jobs: ``n_workers`` processes (default
+    one per granted core), at most one per job; ``(None, 0)`` when a single worker would do (run in-process).
+    The caller owns the pool (``with pool:``) and may share it between several batches of jobs."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = workers(limit=n_jobs) if n_workers is None else max(1, min(n_workers, n_jobs))
+    if n <= 1:
+        return None, 0
+    return ProcessPoolExecutor(n, mp_context=pool_context(*preload)), threads_per_worker(n)

@@ -826,13 +826,10 @@ def _train_folds(data: SegData, jobs: list[tuple[int, np.ndarray, np.ndarray]], 
     GPU); each fold is seeded by its settings alone, so the numbers do not depend on the number of workers."""
     from lib import resources
 
-    workers = resources.workers(limit=len(jobs))
-    if workers <= 1 or torch.cuda.is_available():
+    pool, threads = (None, 0) if torch.cuda.is_available() else resources.worker_pool(len(jobs), "lib.segment")
+    if pool is None:
         return [_fold_job(data, k, tr, va, cfg, out_dir, target, cfg.threads) for k, tr, va in jobs]
-    from concurrent.futures import ProcessPoolExecutor
-
-    threads = resources.threads_per_worker(workers)
-    with ProcessPoolExecutor(workers, mp_context=resources.pool_context("lib.segment")) as pool:
+    with pool:
         futures = [pool.submit(_fold_job, data, k, tr, va, cfg, out_dir, target, threads) for k, tr, va in jobs]
         return [f.result() for f in futures]
 
