@@ -521,27 +521,37 @@ class CaseResult:
 
 
 def score_map(prob_fn: Callable[[Tensor], np.ndarray], x: Tensor, saliency: np.ndarray, lesion: np.ndarray | None,
-              tolerance: float, n_steps: int, baseline: str | float, seed: int) -> tuple[dict, np.ndarray]:
-    """All per-map numbers (pointing game, energy inside, deletion AUC, flags) and the deletion curve."""
-    fr, pr = deletion_curve(prob_fn, x, saliency, n_steps, baseline, seed)
+              tolerance: float, n_steps: int, baseline: str | float, seed: int,
+              deletion: bool = True) -> tuple[dict, np.ndarray | None]:
+    """All per-map numbers (pointing game, energy inside, deletion AUC, flags) and the deletion curve.
+
+    ``deletion=False`` scores localisation only (deletion columns NaN, no curve): the deletion curve costs
+    ``n_steps + 1`` forward passes, everything else none."""
+    if deletion:
+        fr, pr = deletion_curve(prob_fn, x, saliency, n_steps, baseline, seed)
+        del_scores = {"deletion_auc": curve_auc(fr, pr), "prob_start": float(pr[0]), "prob_end": float(pr[-1])}
+    else:
+        pr = None
+        del_scores = {"deletion_auc": np.nan, "prob_start": float(prob_fn(x)[0]), "prob_end": np.nan}
     has_lesion = lesion is not None and bool(np.asarray(lesion).any())
     scores = {"zero_map": is_zero_map(saliency), "has_lesion": has_lesion,
               "pointing": pointing_game(saliency, lesion, tolerance),
-              "energy_inside": energy_inside(saliency, lesion), "deletion_auc": curve_auc(fr, pr),
-              "prob_start": float(pr[0]), "prob_end": float(pr[-1])}
+              "energy_inside": energy_inside(saliency, lesion), **del_scores}
     return scores, pr
 
 
 def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray | None, sample_id: str = "",
                  methods: Iterable[str] = ("gradcam",), tolerance: float = 2.0, n_steps: int = 20,
-                 baseline: str | float = "blur", seed: int = 0, per_fold: bool = True) -> CaseResult:
+                 baseline: str | float = "blur", seed: int = 0, per_fold: bool = True,
+                 per_fold_deletion: bool = True) -> CaseResult:
     """Maps of every method for one image ``(1, C, H, W)``, per fold model and averaged, each scored.
 
     A ``random`` map is scored alongside as the baseline every method must beat, by its expected value rather
     than one noisy draw: a uniform map whose ties are broken at random gives exactly the expected pointing-game
     hit of a random peak, the lesion's area share as energy inside, and a random deletion order (its own seed per
     fold). Its overlay shows one draw of noise. Rows carry ``fold`` (an int, or ``"ensemble"``); localisation
-    columns are NaN when the case has no lesion in the input.
+    columns are NaN when the case has no lesion in the input. ``per_fold_deletion=False`` scores each fold's map
+    on localisation only (its deletion columns NaN): the per-fold deletion curves are half of all forward passes.
     """
     ens_prob = ensemble_prob(explainers)
     p = float(ens_prob(x)[0])
@@ -560,7 +570,8 @@ def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray 
         if per_fold:
             targets += [(k, per_model[k], explainers[k].prob, seed + 7919 * (k + 1)) for k in range(len(explainers))]
         for fold, sal, fn, tie_seed in targets:
-            scores, curve = score_map(fn, x, sal, lesion, tolerance, n_steps, baseline, tie_seed)
+            deletion = fold == "ensemble" or per_fold_deletion
+            scores, curve = score_map(fn, x, sal, lesion, tolerance, n_steps, baseline, tie_seed, deletion)
             rows.append({"sample_id": sample_id, "method": method, "fold": fold, "prob": p, **scores})
             if fold == "ensemble":
                 curves[method] = curve

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from lib import config
-from lib.models import read_checkpoint, save_checkpoint, unwrap
+from lib.models import read_checkpoint, save_checkpoint, to_channels_last, unwrap
 
 UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
 
@@ -384,10 +384,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         torch.set_num_threads(cfg.threads)
     config.seed_everything(cfg.seed)
     model.to(dev)
-    if channels_last and any(p.dim() == 5 for p in model.parameters()):
-        channels_last = False  # 3D networks: channels_last is a 2D (NCHW) layout
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = channels_last and to_channels_last(model)  # 3D networks stay NCHW
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
