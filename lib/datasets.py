@@ -277,7 +277,7 @@ def crop_dataset(crops_dir: str | Path, labels: pd.DataFrame, label_cols: Sequen
         raise DataError(crops_dir, f"no usable crops for organ {organ!r} and labels {cols} ({len(skipped)} skipped)")
     y = _targets(table, target_cols, task)
     prep = {"source": "crops", **crop_spec(kind, n_slices, size), "mask_mode": mask_mode, "organ": organ,
-            "label_cols": label_cols if template else cols, "uncertain": uncertain}
+            "crop_mode": mode, "label_cols": label_cols if template else cols, "uncertain": uncertain}
     return CachedDataset(torch.from_numpy(np.stack(xs)), y, table, names, task, transform, prep, skipped)
 
 

@@ -579,21 +579,30 @@ def explain_case(explainers: Sequence[Explainer], x: Tensor, lesion: np.ndarray 
 
 
 def _explain_cases(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence[np.ndarray | None],
-                   sample_ids: Sequence[str], threads: int, kw: dict) -> list[CaseResult]:
-    """``explain_case`` for a share of the cases (runs in a worker process)."""
+                   sample_ids: Sequence[str], threads: int, kw: dict,
+                   overlay_dir: Path | None = None) -> list[CaseResult]:
+    """``explain_case`` for a share of the cases, each case's overlay PNG written where it was computed (runs in
+    a worker process)."""
     if threads:
         torch.set_num_threads(threads)
-    return [explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw) for i in range(len(xs))]
+    results = []
+    for i in range(len(xs)):
+        res = explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw)
+        if overlay_dir is not None:
+            save_overlay(overlay_dir / f"{res.sample_id}.png", res, [*kw.get("methods", ("gradcam",)), "random"])
+        results.append(res)
+    return results
 
 
 def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence[np.ndarray | None],
                   sample_ids: Sequence[str], progress: bool = True, workers: int | None = None,
-                  **kw) -> tuple[pd.DataFrame, list[CaseResult]]:
+                  overlay_dir: str | Path | None = None, **kw) -> tuple[pd.DataFrame, list[CaseResult]]:
     """``explain_case`` over many images; returns (metrics table, per-case results in input order).
 
     Cases are independent, so they are shared out to ``workers`` processes (default: one per granted
     core, ``lib.resources.workers``) in interleaved chunks; every case is seeded by its own arguments, so the numbers do
-    not depend on the number of workers.
+    not depend on the number of workers. ``overlay_dir``: each case's ``save_overlay`` PNG
+    (``<sample_id>.png``, every method and the random map), drawn by the worker that explained it.
     """
     from lib import resources
 
@@ -601,14 +610,15 @@ def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence
     workers = resources.workers(limit=n) if workers is None else max(1, min(workers, n))
     pool, threads = ((None, 0) if next(explainers[0].model.parameters()).is_cuda
                      else resources.worker_pool(n, "lib.explain", n_workers=workers))
+    overlay_dir = None if overlay_dir is None else Path(overlay_dir)
     if pool is None:
-        results = [explain_case(explainers, xs[i:i + 1], lesions[i], str(sample_ids[i]), **kw)
+        results = [_explain_cases(explainers, xs[i:i + 1], lesions[i:i + 1], [sample_ids[i]], 0, kw, overlay_dir)[0]
                    for i in tqdm(range(n), desc="explain", disable=not progress)]
     else:
         shares = [list(range(w, n, workers)) for w in range(workers)]
         with pool:
             futures = [pool.submit(_explain_cases, list(explainers), xs[idx], [lesions[i] for i in idx],
-                                   [sample_ids[i] for i in idx], threads, kw) for idx in shares]
+                                   [sample_ids[i] for i in idx], threads, kw, overlay_dir) for idx in shares]
             by_index = {i: r for idx, f in zip(shares, futures, strict=True) for i, r in zip(idx, f.result(),
                                                                                            strict=True)}
         results = [by_index[i] for i in range(n)]

@@ -712,8 +712,9 @@ def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[
         index = pd.read_csv(source / "index.csv") if (source / "index.csv").exists() else pd.DataFrame(
             {"path": [str(p.relative_to(source)) for p in sorted(source.rglob("*.npz"))]})
         index = index[index["path"].astype(str).str.endswith(".npz")]
-        if spec.get("organ") and "organ" in index:
-            index = index[index["organ"] == spec["organ"]]
+        for col in ("organ", "crop_mode"):  # only the crops the model was trained on (organ, bbox/seg/25d)
+            if spec.get(col) and col.removeprefix("crop_") in index:
+                index = index[index[col.removeprefix("crop_")] == spec[col]]
         rows, xs = [], []
         for r in index.to_dict("records"):
             try:

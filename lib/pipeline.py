@@ -13,7 +13,8 @@ Cores: the run has a budget (``--cores``, ``MEDNB_CORES``, else every core) and 
 out of it (:data:`PREFERRED_CORES`: the stages with per-case or per-fold worker pools -- crop, k-fold,
 explanations, segmentation -- take the whole budget, every other stage one core). The sum of
 granted cores never exceeds the budget. Scheduling policy: ready stages start in critical-path order (the
-stage with the longest chain of stages after it first: 01/02, then 04, then the rest, ties by number); when
+stage with the longest chain of stages after it first: 01/02, then 04, then the rest, ties by the cores a stage
+wants, fewest first, then by number); when
 the first ready stage in that order does not fit in the free cores, nothing after it starts either, so the
 cores that free up go to it (a stage wanting every core is never starved by one-core stages). Each stage runs
 in its own process (``python -m lib.pipeline _stage``) whose environment carries its grant: ``MEDNB_THREADS``,
@@ -79,6 +80,9 @@ DAG: dict[str, tuple[str, ...]] = {
     "06": (),
     "07": ("04",),
 }
+
+#: matplotlib backend of every stage's kernel: figures go into the executed notebook.
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 #: Cores a stage would like; ``None`` = the whole budget. Stages not listed take one core.
 PREFERRED_CORES: dict[str, int | None] = {"02": None, "04": None, "05": None, "06": None}
@@ -584,7 +588,9 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
         info["stages"].append(entry)
         stages.append(_Stage(nb, key, entry, dependencies(key, chosen_keys), preferred_cores(key, budget),
                              ranks.get(key, 0), walls.get(nb.name)))
-    stages.sort(key=lambda s: (-s.rank, s.key, s.notebook.name))
+    # critical path first; among equals the smaller grants first, so one-core stages start side by side instead
+    # of each waiting alone for a whole-budget stage to finish
+    stages.sort(key=lambda s: (-s.rank, s.want, s.key, s.notebook.name))
     done_keys = {stage_key(n) for n in done_before}
     if stages:
         plan = ", ".join(f"{s.key}{'<' + '+'.join(sorted(s.needs)) if s.needs else ''}" for s in stages)
@@ -942,6 +948,9 @@ def _run_stage(spec_path: str) -> int:
     from papermill.engines import papermill_engines
 
     papermill_engines.register("mednb-progress", _progress_engine(Path(spec["progress"])))
+    # the kernel draws inline, so the executed notebook (and report.html) carries its figures; a headless
+    # MPLBACKEND such as Agg would leave every plt.show() empty
+    os.environ["MPLBACKEND"] = INLINE_BACKEND
     print(f"[stage] {spec['notebook']} -> {spec['output']} with {os.environ.get('MEDNB_THREADS')} core(s)",
           flush=True)
     result: dict[str, Any]

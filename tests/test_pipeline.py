@@ -112,8 +112,10 @@ def test_scheduler_follows_the_graph_within_the_core_budget(tmp_path, monkeypatc
     order = [k for k, _ in sorted(spans.items(), key=lambda kv: kv[1][0])]
     if budget == 1:  # critical path first: 01/02 -> 04, then the one-core stages by number
         assert order == ["01", "02", "04", "00", "03", "05", "06", "07"]
-    else:  # one-core stages overlap; the crop waits for a free machine rather than start on one core
+    else:  # one-core stages overlap; the crop waits for a free machine rather than start on one core; after
+        # k-fold the one-core stages (00, 03, 07) pair up before the whole-budget stages (05, 06) take the machine
         assert _peak_cores(spans) == budget and order[:3] == ["01", "02", "04"]
+        assert max(spans[k][1] for k in ("00", "03", "07")) <= min(spans[k][0] for k in ("05", "06"))
 
 
 def _notebook(path, code: str):
