@@ -34,16 +34,20 @@ from typing import Any
 
 from lib import config
 
-#: The answer first: (label, metrics.json folder as a regex, path inside it). The value's confidence interval is
-#: the sibling ``<key>_ci`` pair or ``<key>_lo``/``<key>_hi``; in a list of rows the ``fold == "all"`` row is used.
-HEADLINE: list[tuple[str, str, tuple[str, ...]]] = [
-    ("Out-of-fold AUC, trained on report labels, scored against truth", r"kfold/model", ("pooled", "auc")),
-    ("Out-of-fold AUC, trained on ground truth", r"kfold/model/label_noise/truth", ("pooled", "auc")),
-    ("Grad-CAM pointing-game gain over random maps", r"explain/model", ("vs_random", "gradcam", "pointing_gain")),
-    ("Occlusion pointing-game gain over random maps", r"explain/model",
+#: The answer first: (label, short label for the runs index, metrics.json folder as a regex, path inside it). The
+#: value's confidence interval is the sibling ``<key>_ci`` pair or ``<key>_lo``/``<key>_hi``; in a list of rows
+#: the ``fold == "all"`` row is used.
+HEADLINE: list[tuple[str, str, str, tuple[str, ...]]] = [
+    ("Out-of-fold AUC, trained on report labels, scored against truth", "OOF AUC (report labels)", r"kfold/model",
+     ("pooled", "auc")),
+    ("Out-of-fold AUC, trained on ground truth", "OOF AUC (true labels)", r"kfold/model/label_noise/truth",
+     ("pooled", "auc")),
+    ("Grad-CAM pointing-game gain over random maps", "Grad-CAM pointing gain", r"explain/model",
+     ("vs_random", "gradcam", "pointing_gain")),
+    ("Occlusion pointing-game gain over random maps", "occlusion pointing gain", r"explain/model",
      ("vs_random", "occlusion", "pointing_gain")),
-    ("TRUS segmentation out-of-fold Dice", r"segment/[^/]+", ("summary", "dice")),
-    ("ONNX Runtime vs torch, max |difference|", r"export/model", ("parity_max_abs_diff",)),
+    ("TRUS segmentation out-of-fold Dice", "TRUS Dice", r"segment/[^/]+", ("summary", "dice")),
+    ("ONNX Runtime vs torch, max |difference|", "ONNX max |diff|", r"export/model", ("parity_max_abs_diff",)),
 ]
 
 #: Figures shown on the summary page: (glob below the run folder, caption). Missing ones are left out.
@@ -106,10 +110,12 @@ details.stage-figures{margin:10px 0}details.stage-figures summary{cursor:pointer
 # ------------------------------------------------------------------------------------------------ reading a run
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from a run folder, or ``{}`` when it is missing or not an object (the page says so)."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def _number(value: Any) -> bool:
@@ -147,14 +153,14 @@ def lookup(entry: dict, path: tuple[str, ...]) -> tuple[float, tuple[float, floa
 
 
 def headline(metrics: dict) -> list[dict]:
-    """The :data:`HEADLINE` figures this run has: label, folder, value, ci (or None)."""
+    """The :data:`HEADLINE` figures this run has: label, short label, folder, path, value, ci (or None)."""
     rows = []
-    for label, folder_re, path in HEADLINE:
+    for label, short, folder_re, path in HEADLINE:
         for folder in sorted(metrics):
             if re.fullmatch(folder_re, folder) and isinstance(metrics[folder], dict):
                 found = lookup(metrics[folder], path)
                 if found:
-                    rows.append({"label": label, "folder": folder, "path": ".".join(path),
+                    rows.append({"label": label, "short": short, "folder": folder, "path": ".".join(path),
                                  "value": found[0], "ci": found[1]})
     return rows
 
@@ -424,21 +430,22 @@ def run_row(run_dir: Path) -> dict:
             "commit": str(info.get("commit") or "")[:10], "started": info.get("started"),
             "status": info.get("status"), "wall_s": info.get("wall_s"),
             "report": (run_dir / "report.html").exists(),
-            "headline": {h["label"]: (h["value"], h["ci"]) for h in headline(metrics)}}
+            "headline": {h["short"]: (h["value"], h["ci"]) for h in headline(metrics)}}
 
 
 def render_index(runs_dir: Path) -> str:
     """``index.html``: one row per run folder with a ``run.json``, newest first, headline metrics as columns."""
     rows = sorted((run_row(p.parent) for p in runs_dir.glob("*/run.json")),
                   key=lambda r: str(r["started"] or ""), reverse=True)
-    labels = [label for label, _, _ in HEADLINE if any(label in r["headline"] for r in rows)]
+    labels = list(dict.fromkeys(short for _, short, _, _ in HEADLINE if any(short in r["headline"] for r in rows)))
     header = ["run", "profile", "seed", "commit", "started", "status", "wall s", *labels]
     body = []
     for r in rows:
         name = html.escape(r["id"])
         link = f"<a href='{name}/report.html'>{name}</a>" if r["report"] else name
         cells = [link, _fmt(r["profile"]), _fmt(r["seed"]), f"<code>{html.escape(r['commit'])}</code>",
-                 _fmt(r["started"]), f"<span class='status-{_fmt(r['status'])}'>{_fmt(r['status'])}</span>",
+                 _fmt(str(r["started"] or "").replace("T", " ")),
+                 f"<span class='status-{_fmt(r['status'])}'>{_fmt(r['status'])}</span>",
                  _fmt(r["wall_s"], ".0f")]
         for label in labels:
             value, ci = r["headline"].get(label, (None, None))
@@ -447,7 +454,8 @@ def render_index(runs_dir: Path) -> str:
         body.append(cells)
     table = _table(header, body, set(range(6, len(header))))
     return offline(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Runs</title>"
-                   f"<style>{CSS}</style></head><body><header><h1>Runs</h1>"
+                   f"<style>{CSS}main,header{{max-width:none}}td{{white-space:nowrap}}</style></head><body>"
+                   f"<header><h1>Runs</h1>"
                    f"<p class='muted'>{len(rows)} run(s) in this folder, newest first; headline metrics with "
                    f"95% confidence intervals.</p></header><main>{table}</main></body></html>")
 
