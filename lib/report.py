@@ -101,7 +101,7 @@ background:#fffe;border-bottom:1px solid #d0d7de;cursor:pointer;user-select:none
 .notebook{border-top:3px solid #57606a;margin-top:28px}
 .notebook img{max-width:100%}.notebook pre{white-space:pre-wrap;overflow-x:auto}
 .input_area,.output_text pre,.output_stderr{background:#f6f8fa;padding:4px 8px;border-radius:4px}
-.output_stderr{background:#fff5f5}.prompt{font-size:.8em;color:#59636e}
+.output_stderr{background:#fff5f5}.prompt{font-size:.8em;color:#59636e}.output_html{overflow-x:auto}
 .anchor-link{display:none}.rendered_html table{font-size:.9em}
 details.stage-figures{margin:10px 0}details.stage-figures summary{cursor:pointer;color:#0969da}
 """
@@ -140,8 +140,9 @@ def _step(obj: Any, key: str) -> Any:
     return obj.get(key) if isinstance(obj, dict) else None
 
 
-def lookup(entry: dict, path: tuple[str, ...]) -> tuple[float, tuple[float, float] | None] | None:
-    """The value at ``path`` in one metrics.json folder entry and its confidence interval, if any."""
+def lookup(entry: dict, path: tuple[str, ...]) -> tuple[float, tuple[float, float] | None, str] | None:
+    """The value at ``path`` in one metrics.json folder entry, its confidence interval (or None) and the label it
+    scores (the ``label`` beside it, else the entry's ``label_names``; empty when neither is recorded)."""
     parent: Any = entry
     for key in path[:-1]:
         parent = _step(parent, key)
@@ -149,7 +150,10 @@ def lookup(entry: dict, path: tuple[str, ...]) -> tuple[float, tuple[float, floa
         rows = [r for r in parent if isinstance(r, dict) and str(r.get("fold", "all")) == "all"]
         parent = rows[0] if rows else None
     value = parent.get(path[-1]) if isinstance(parent, dict) else None
-    return (float(value), _interval(parent, path[-1])) if _number(value) else None
+    if not _number(value):
+        return None
+    label = parent.get("label") or ", ".join(map(str, entry.get("label_names") or []))
+    return float(value), _interval(parent, path[-1]), str(label)
 
 
 def headline(metrics: dict) -> list[dict]:
@@ -161,7 +165,7 @@ def headline(metrics: dict) -> list[dict]:
                 found = lookup(metrics[folder], path)
                 if found:
                     rows.append({"label": label, "short": short, "folder": folder, "path": ".".join(path),
-                                 "value": found[0], "ci": found[1]})
+                                 "value": found[0], "ci": found[1], "scores": found[2]})
     return rows
 
 
@@ -326,13 +330,14 @@ def summary_html(run_dir: Path, info: dict, metrics: dict, params: dict[str, dic
     status = html.escape(str(info.get("status", "unknown")))
     facts = (f"profile <b>{html.escape(str(info.get('profile')))}</b> · seed {_fmt(info.get('seed'))} · "
              f"commit <code>{html.escape(str(info.get('commit', ''))[:10])}</code> · "
-             f"started {html.escape(str(info.get('started', '')))} · "
+             f"started {html.escape(str(info.get('started', '')).replace('T', ' '))} · "
              f"wall {_fmt(info.get('wall_s'), '.0f')} s on {_fmt(info.get('cores'))} core(s) · "
              f"status <b class='status-{status}'>{status}</b>")
     cards = "".join(
         f"<div class='card headline-metric'><div>{html.escape(h['label'])}</div>"
         f"<div class='value'>{_value(h['value'])}</div><div class='ci'>{_ci(h['ci'])}</div>"
-        f"<div class='where'>{html.escape(h['folder'])}: {html.escape(h['path'])}</div></div>"
+        f"<div class='where'>{html.escape(h['folder'])}: {html.escape(h['path'])}"
+        f"{' · ' + html.escape(h['scores']) if h['scores'] else ''}</div></div>"
         for h in headline(metrics))
     if not cards:
         cards = "<p class='muted'>No headline metric in this run's metrics.json (did its stages finish?).</p>"
@@ -375,7 +380,7 @@ def _figures_html(run_dir: Path, notebook: Path) -> str:
         return ""
     figures = "".join(f"<figure><img alt='{html.escape(p.name)}' src='{_data_uri(p)}'><figcaption>"
                       f"{html.escape(p.relative_to(run_dir).as_posix())}</figcaption></figure>" for p in paths)
-    return (f"<details class='stage-figures'><summary>Figures this notebook wrote ({len(paths)})</summary>"
+    return (f"<details class='stage-figures' open><summary>Figures this notebook wrote ({len(paths)})</summary>"
             f"<div class='figures'>{figures}</div></details>")
 
 
@@ -396,7 +401,7 @@ def render(run_dir: Path, notebooks: list[Path] | None = None) -> str:
     params = {p.name: notebook_parameters(nb) for p, nb in nbs}
     toc = "".join(f"<li><a href='#nb-{html.escape(p.stem)}'>{html.escape(p.stem)}</a></li>" for p, _ in nbs)
     sections = "".join(f"<section class='notebook' id='nb-{html.escape(p.stem)}'><h2>Notebook "
-                       f"<code>{html.escape(p.name)}</code></h2>{_figures_html(run_dir, p)}{_notebook_html(nb)}"
+                       f"<code>{html.escape(p.name)}</code></h2>{_notebook_html(nb)}{_figures_html(run_dir, p)}"
                        f"</section>" for p, nb in nbs)
     title = f"Run {html.escape(run_dir.name)}"
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
