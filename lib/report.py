@@ -109,7 +109,7 @@ details.stage-figures{margin:10px 0}details.stage-figures summary{cursor:pointer
 
 # ------------------------------------------------------------------------------------------------ reading a run
 
-def _read_json(path: Path) -> dict:
+def _json_object(path: Path) -> dict:
     """A JSON object from a run folder, or ``{}`` when it is missing or not an object (the page says so)."""
     try:
         obj = json.loads(path.read_text())
@@ -118,16 +118,16 @@ def _read_json(path: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _interval(parent: dict, key: str) -> tuple[float, float] | None:
     ci = parent.get(f"{key}_ci")
-    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_number(x) for x in ci):
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_is_number(x) for x in ci):
         return float(ci[0]), float(ci[1])
     lo, hi = parent.get(f"{key}_lo"), parent.get(f"{key}_hi")
-    if _number(lo) and _number(hi):
+    if _is_number(lo) and _is_number(hi):
         return float(lo), float(hi)
     return None
 
@@ -150,7 +150,7 @@ def lookup(entry: dict, path: tuple[str, ...]) -> tuple[float, tuple[float, floa
         rows = [r for r in parent if isinstance(r, dict) and str(r.get("fold", "all")) == "all"]
         parent = rows[0] if rows else None
     value = parent.get(path[-1]) if isinstance(parent, dict) else None
-    if not _number(value):
+    if not _is_number(value):
         return None
     label = parent.get("label") or ", ".join(map(str, entry.get("label_names") or []))
     return float(value), _interval(parent, path[-1]), str(label)
@@ -182,7 +182,7 @@ def _walk_ci(obj: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...],
             continue
         if isinstance(value, dict | list):
             yield from _walk_ci(value, (*path, key))
-        elif _number(value) and (ci := _interval(obj, key)):
+        elif _is_number(value) and (ci := _interval(obj, key)):
             yield path, key, float(value), ci
 
 
@@ -259,17 +259,17 @@ def external_references(page: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- rendering
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
-    if not _number(value):
+    if not _is_number(value):
         return "" if value is None else html.escape(str(value))
     return format(value, "d") if isinstance(value, int) else format(value, spec)
 
 
-def _value(value: float) -> str:
+def _shown(value: float) -> str:
     return format(value, ".1e") if value and abs(value) < 1e-3 else format(value, ".3f")
 
 
 def _ci(ci: tuple[float, float] | None) -> str:
-    return f"95% CI [{_value(ci[0])}, {_value(ci[1])}]" if ci else "no interval"
+    return f"95% CI [{_shown(ci[0])}, {_shown(ci[1])}]" if ci else "no interval"
 
 
 def _data_uri(path: Path) -> str:
@@ -335,7 +335,7 @@ def summary_html(run_dir: Path, info: dict, metrics: dict, params: dict[str, dic
              f"status <b class='status-{status}'>{status}</b>")
     cards = "".join(
         f"<div class='card headline-metric'><div>{html.escape(h['label'])}</div>"
-        f"<div class='value'>{_value(h['value'])}</div><div class='ci'>{_ci(h['ci'])}</div>"
+        f"<div class='value'>{_shown(h['value'])}</div><div class='ci'>{_ci(h['ci'])}</div>"
         f"<div class='where'>{html.escape(h['folder'])}: {html.escape(h['path'])}"
         f"{' · ' + html.escape(h['scores']) if h['scores'] else ''}</div></div>"
         for h in headline(metrics))
@@ -345,8 +345,8 @@ def summary_html(run_dir: Path, info: dict, metrics: dict, params: dict[str, dic
                       f"<figcaption>{html.escape(caption)}</figcaption></figure>"
                       for path, caption in key_figures(run_dir))
     all_ci = _table(["metrics folder", "metric", "value", "95% CI"],
-                    [[html.escape(m["folder"]), html.escape(m["path"]), _value(m["value"]),
-                      f"[{_value(m['ci'][0])}, {_value(m['ci'][1])}]"] for m in metrics_with_ci(metrics)], {2})
+                    [[html.escape(m["folder"]), html.escape(m["path"]), _shown(m["value"]),
+                      f"[{_shown(m['ci'][0])}, {_shown(m['ci'][1])}]"] for m in metrics_with_ci(metrics)], {2})
     return (f"<section id='summary'><p class='muted'>{facts}</p>"
             f"<h2>Headline results</h2><div class='headline'>{cards}</div>"
             f"<h2 id='figures'>Key figures</h2><div class='figures'>{figures or 'none in this run'}</div>"
@@ -393,8 +393,8 @@ def render(run_dir: Path, notebooks: list[Path] | None = None) -> str:
     """The whole report page of a run folder (summary, contents, notebooks), as one offline HTML string."""
     import nbformat
 
-    info = _read_json(run_dir / "run.json")
-    metrics = _read_json(run_dir / "metrics.json")
+    info = _json_object(run_dir / "run.json")
+    metrics = _json_object(run_dir / "metrics.json")
     paths = sorted((run_dir / "notebooks").glob("*.ipynb")) if notebooks is None else notebooks
     paths = [p for p in paths if ".failed" not in p.name]
     nbs = [(p, nbformat.read(p, as_version=4)) for p in paths]
@@ -429,8 +429,8 @@ def write_report(run_dir: Path, notebooks: list[Path] | None = None) -> Path:
 
 def run_row(run_dir: Path) -> dict:
     """One run as the index compares it: facts from run.json and its headline metrics."""
-    info = _read_json(run_dir / "run.json")
-    metrics = _read_json(run_dir / "metrics.json")
+    info = _json_object(run_dir / "run.json")
+    metrics = _json_object(run_dir / "metrics.json")
     return {"id": run_dir.name, "profile": info.get("profile"), "seed": info.get("seed"),
             "commit": str(info.get("commit") or "")[:10], "started": info.get("started"),
             "status": info.get("status"), "wall_s": info.get("wall_s"),
@@ -454,8 +454,8 @@ def render_index(runs_dir: Path) -> str:
                  _fmt(r["wall_s"], ".0f")]
         for label in labels:
             value, ci = r["headline"].get(label, (None, None))
-            cells.append("" if value is None else _value(value) + (
-                f" <span class='muted'>[{_value(ci[0])}, {_value(ci[1])}]</span>" if ci else ""))
+            cells.append("" if value is None else _shown(value) + (
+                f" <span class='muted'>[{_shown(ci[0])}, {_shown(ci[1])}]</span>" if ci else ""))
         body.append(cells)
     table = _table(header, body, set(range(6, len(header))))
     return offline(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Runs</title>"

@@ -93,7 +93,7 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _ci(ci: list | None) -> str:
+def _interval_cell(ci: list | None) -> str:
     return f"[{_cell(ci[0])}, {_cell(ci[1])}]" if ci else ""
 
 
@@ -116,8 +116,8 @@ def section(name: str, src: dict) -> str:
         for fig in figures:
             value = _cell(fig["value"]) + (f" {fig['unit']}" if fig.get("unit") else "")
             command, where = fig.get("command", src["command"]), fig.get("machine", src["machine"])
-            lines.append(f"| {_cell(fig['name'])} | {value} | {_ci(fig.get('ci'))} | {_cell(fig.get('bound'))} "
-                         f"| {_code(command)} | {_cell(where)} |")
+            lines.append(f"| {_cell(fig['name'])} | {value} | {_interval_cell(fig.get('ci'))} "
+                         f"| {_cell(fig.get('bound'))} | {_code(command)} | {_cell(where)} |")
         lines.append("")
     for table in src.get("tables", []):
         lines += [f"**{table.get('title', 'table')}** (command: {_code(table.get('command', src['command']))}; "
@@ -129,7 +129,7 @@ def section(name: str, src: dict) -> str:
     return "\n".join(lines)
 
 
-def render(sources: Path = SOURCES) -> str:
+def markdown(sources: Path = SOURCES) -> str:
     """The whole ``results.md`` for every ``*.json`` in ``sources`` (file-name order)."""
     paths = sorted(sources.glob("*.json"))
     if not paths:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=OUTPUT, help="the Markdown file")
     args = ap.parse_args(argv)
     try:
-        expected = render(args.sources)
+        expected = markdown(args.sources)
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
