@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 PROFILE ?= demo
-# torch 2.13.0+cpu lies on this machine's disk; elsewhere uv takes it from the registry.
+# Local wheels (e.g. torch 2.13.0+cpu) are used when WHEELS names an existing folder; otherwise uv takes them from
+# the registry.
 WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 export HF_HUB_OFFLINE ?= 1

@@ -23,7 +23,7 @@ SHARED_DATA = Path(os.environ.get("MEDNB_SHARED_DATA", ROOT.parent / "shared" / 
 
 DEFAULT_SEED = 20261123
 
-# No hub access on this machine or in CI; real users may unset it and pass pretrained=True.
+# Offline by default (runs and CI need no model hub); unset HF_HUB_OFFLINE and pass pretrained=True to download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

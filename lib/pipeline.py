@@ -25,7 +25,8 @@ several stages would generate for themselves (the synthetic cohort) are made onc
 Each run gets ``outputs/runs/<run-id>/`` (never reused: an existing folder is an error), with the executed
 notebooks, figures and tables the notebooks write, ``logs/<stage>.log`` (everything a stage prints: progress
 bars, logging, warnings, kernel messages), ``metrics.json`` (merged from every stage's ``**/metrics.json``),
-``run.json`` and ``report.html``. ``run.json`` is written before the first stage starts and rewritten
+``run.json`` and ``report.html`` (:mod:`lib.report`; ``outputs/runs/index.html`` compares every run and is
+rewritten after each). ``run.json`` is written before the first stage starts and rewritten
 atomically on every stage change: per stage the status (pending/running/ok/failed/killed), wall and CPU
 seconds (the stage's whole process tree, kernel and workers included), cores granted and used, commit and
 log; for the run the totals. When a stage fails, the failing cell and its error are printed, stages already
@@ -60,14 +61,13 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from lib import config, params, resources
+from lib import config, params, report, resources
 
 #: Stage graph, by notebook number: the stages whose artefacts each stage reads.
 DAG: dict[str, tuple[str, ...]] = {
@@ -181,36 +181,6 @@ def merge_metrics(run_dir: Path) -> dict:
 
 def _num(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else ""
-
-
-def write_report(run_dir: Path, executed: list[Path], info: dict) -> Path:
-    """One self-contained HTML: run facts, a per-stage table (time, CPU, cores), then every executed notebook."""
-    with warnings.catch_warnings():  # jupyter path/deprecation notices are not for the console
-        warnings.simplefilter("ignore")
-        import nbformat
-        from nbconvert import HTMLExporter
-
-    facts = {k: v for k, v in info.items() if k not in ("stages", "attempts", "resumed")}
-    table = "\n".join(
-        f"| {s['notebook']} | {s['status']} | {_num(s.get('wall_s', s.get('seconds')), '.0f')} "
-        f"| {_num(s.get('cpu_s'), '.0f')} | {_num(s.get('cores_granted'), 'd')} | {_num(s.get('cores_used'), '.2f')} |"
-        for s in info["stages"])
-    cells = [nbformat.v4.new_markdown_cell(
-        f"# Run `{run_dir.name}`\n\n" + "\n".join(f"- **{k}**: `{v}`" for k, v in facts.items()) +
-        "\n\n| notebook | status | wall s | CPU s | cores granted | cores used |\n|---|---|---|---|---|---|\n" + table)]
-    for path in executed:
-        nb = nbformat.read(path, as_version=4)
-        cells.append(nbformat.v4.new_markdown_cell(f"---\n# Notebook `{path.name}`"))
-        cells.extend(nb.cells)
-    report = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
-                                                                          "display_name": "Python 3",
-                                                                          "language": "python"}})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        html, _ = HTMLExporter(template_name="lab").from_notebook_node(report)
-    out = run_dir / "report.html"
-    out.write_text(html, encoding="utf-8")
-    return out
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -629,8 +599,9 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
     merge_metrics(run_dir)
     executed = sorted({nb_dir / name for name in done_before} |
                       {nb_dir / s.notebook.name for s in stages if s.status != "pending"})
-    report = write_report(run_dir, [p for p in executed if p.exists()], info)
-    out.message(f"[pipeline] report: {report}")
+    report_path = report.write_report(run_dir, [p for p in executed if p.exists()])
+    report.write_index(run_dir.parent)
+    out.message(f"[pipeline] report: {report_path}")
     if failures:
         first = failures[0]
         err = first.entry.get("error") or {}

@@ -8,6 +8,11 @@ Usage:
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_pipeline.py                      # run the demo profile
     .venv/bin/python scripts/bench_pipeline.py --profile smoke [--only 00 01] [--cores 2]
     .venv/bin/python scripts/bench_pipeline.py --run-id 20261123-101500-demo          # read an existing run
+    .venv/bin/python scripts/bench_pipeline.py --run-id <id> --json docs/results/make-run-demo.json
+
+``--json PATH`` also writes the figures as a results source (schema: :mod:`lib.results`): the per-stage table,
+the run totals and the run's headline metrics (:data:`lib.report.HEADLINE`), with the command, the machine,
+the commit and the date; ``python -m lib.results`` turns the sources into ``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import config, pipeline  # noqa: E402
+from lib import config, pipeline, report  # noqa: E402
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -49,6 +59,57 @@ def table(info: dict) -> str:
     return "\n".join(rows)
 
 
+def machine() -> str:
+    """This computer in words: CPU cores, memory, GPU (results sources name the machine of every figure)."""
+    parts = [f"{os.cpu_count()} CPU cores"]
+    try:
+        import psutil
+        parts.append(f"{psutil.virtual_memory().total / 2**30:.0f} GB")
+    except ImportError:
+        pass
+    gpus = ""
+    if shutil.which("nvidia-smi"):
+        probe = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, check=False)
+        gpus = ", ".join(line.strip() for line in probe.stdout.splitlines() if line.strip())
+    parts.append(gpus or "no GPU")
+    return ", ".join(parts) + f" ({platform.system()} {platform.machine()})"
+
+
+def stage_rows(info: dict) -> list[list]:
+    """The per-stage table of :func:`table` as rows of values."""
+    return [[Path(s["notebook"]).stem, s["status"], s.get("attempt", 1), s.get("cores_granted"),
+             s.get("wall_s", s.get("seconds")), s.get("cpu_s"), s.get("cores_used")] for s in info.get("stages", [])]
+
+
+def results_source(info: dict, metrics: dict, run_id: str, command: str) -> dict:
+    """A ``docs/results/*.json`` source (schema: :mod:`lib.results`) for one run."""
+    stage_wall = sum(s.get("wall_s", s.get("seconds")) or 0.0 for s in info.get("stages", []))
+    stage_cpu = sum(s.get("cpu_s") or 0.0 for s in info.get("stages", []))
+    run_cmd = f"python -m lib.pipeline --profile {info.get('profile')}"
+    figures = [{"name": "stages: wall, summed", "value": round(stage_wall, 1), "unit": "s"},
+               {"name": "stages: CPU", "value": round(stage_cpu, 1), "unit": "s"}]
+    if info.get("wall_s"):
+        figures += [{"name": "run: wall", "value": info["wall_s"], "unit": "s"},
+                    {"name": "run: CPU (stages + pipeline process)", "value": info.get("cpu_s"), "unit": "s"},
+                    {"name": "run: cores used", "value": info.get("cores_used")},
+                    {"name": "overlap (summed stage wall / run wall)", "value": round(stage_wall / info["wall_s"], 2)}]
+    for h in report.headline(metrics):
+        fig = {"name": f"{h['label']} ({h['folder']}: {h['path']})", "value": h["value"], "command": run_cmd}
+        if h["ci"]:
+            fig["ci"] = list(h["ci"])
+        figures.append(fig)
+    return {"title": f"Pipeline run, {info.get('profile')} profile, budget {info.get('cores')} core(s)",
+            "command": command, "machine": machine(), "commit": str(info.get("commit", ""))[:7],
+            "date": str(info.get("started", ""))[:10],
+            "notes": [f"Run `{run_id}`, status {info.get('status')}; quality figures from its `metrics.json` "
+                      f"(`{run_cmd}`)."],
+            "figures": figures,
+            "tables": [{"title": f"per stage, run {run_id}",
+                        "columns": ["stage", "status", "try", "granted", "wall s", "CPU s", "cores used"],
+                        "rows": stage_rows(info)}]}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="demo", choices=["smoke", "demo", "full"])
@@ -56,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-id", default=None, help="read this existing run (nothing is run)")
     ap.add_argument("--cores", type=int, default=None, help="core budget (default: MEDNB_CORES, else every core)")
     ap.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as a results source")
     args = ap.parse_args(argv)
     if args.run_id:  # read only: a mistyped id must not start a run
         run_dir = pipeline.run_path(args.run_id)
@@ -70,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     info = json.loads((run_dir / "run.json").read_text())
     print(f"run {run_dir.name}")
     print(table(info))
+    if args.json:
+        metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+        command = "python scripts/bench_pipeline.py " + shlex.join(
+            [a for a in (argv if argv is not None else sys.argv[1:])])
+        src = results_source(info, metrics, run_dir.name, command)
+        args.json.write_text(json.dumps(src, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"results source: {args.json}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def test_runner_writes_report_and_never_overwrites(tmp_path, monkeypatch):
     assert (run_dir / "notebooks" / "00_eda.ipynb").exists()
     html = (run_dir / "report.html").read_text()
     assert "00_eda.ipynb" in html and "all checks passed" in html
+    assert "t1/report.html" in (tmp_path / "runs" / "index.html").read_text()  # the runs index, rewritten per run
     info = json.loads((run_dir / "run.json").read_text())
     stage = info["stages"][0]
     assert stage["status"] == "ok" and info["profile"] == "smoke" and info["status"] == "ok"
