@@ -108,6 +108,7 @@ def labeller_at(rev: str) -> ModuleType:
     (tmp / "reports_before.py").write_bytes(src.stdout)
     spec = importlib.util.spec_from_file_location("reports_before", tmp / "reports_before.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     mod._tmpdir = tmp  # removed by main()
     return mod
