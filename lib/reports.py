@@ -527,6 +527,7 @@ class _Trig:
 _COPULA = re.compile(r"\s*(?:(?:is|are|was|were|appears?|seems?|looks?|remains?)"
                      r"(?:\s+(?:to\s+be|grossly|otherwise))?\s*)?")
 _STATUS_CATS = ("negated", "possible", "normal")
+_SCOPELESS = ("pseudo", "terminate")  # categories that assert nothing: a sentence with only these needs no clauses
 _TEMPORAL_CATS = ("historical", "hypothetical")
 
 
@@ -722,6 +723,123 @@ class _Scope:
         return ("possible" if t.cat == "possible" else "negated"), temporal, t
 
 
+# ----------------------------------------------------------------------------- clauses
+
+_HIRAGANA = "\u3041-\u3096"
+_KANJI = "\u3400-\u9fff\u3005"
+_NOUN_START = re.compile(f"[{_KANJI}\u30a1-\u30ffa-z0-9]")  # what begins a noun: an attributive form precedes one
+
+
+def _phrases(spec: dict, key: str) -> list[str]:
+    return sorted({_key(str(p)) for p in spec.get(key) or []} - {""})
+
+
+@cache
+def _clause_grammar(lang: str) -> tuple[re.Pattern | None, frozenset]:
+    """The clause grammar of ``lang`` from ``triggers.yaml`` (``clause``): one regex whose groups are ``b``/``b2``
+    boundaries, ``t`` topic markers, ``c`` case particles, ``g`` genitives, ``j`` conjunctions and ``n``
+    coordinators (consumed, never a boundary); and the singular words that begin a one-subject trigger."""
+    spec = _trigger_spec().get(lang, {}).get("clause") or {}
+    alts = []
+    if lang == "ja":
+        if spec.get("coordinator"):
+            alts.append(f"(?P<n>{_trie_pattern(_phrases(spec, 'coordinator'))})")
+        if spec.get("continuative"):
+            alts.append(f"(?P<b>{_trie_pattern(_phrases(spec, 'continuative'))}(?![{_HIRAGANA}]))")
+        if spec.get("after_kanji"):
+            alts.append(f"(?P<b2>(?<=[{_KANJI}]){_trie_pattern(_phrases(spec, 'after_kanji'))}(?![{_HIRAGANA}]))")
+        if spec.get("topic") and spec.get("case"):
+            alts.append(f"(?P<t>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'topic'))})")
+            alts.append(f"(?P<c>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'case'))})")
+            if spec.get("genitive"):
+                alts.append(f"(?P<g>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'genitive'))})")
+    elif spec.get("conjunction"):
+        conj = _trie_pattern(_phrases(spec, "conjunction"))
+        if spec.get("predicate"):
+            alts.append(f"{_trie_pattern(_phrases(spec, 'predicate'))}(?P<b>\\s*,\\s*(?:{conj})?|\\s+{conj})")
+        if spec.get("determiner"):
+            alts.append(f"(?P<b2>{conj})(?=\\s+{_trie_pattern(_phrases(spec, 'determiner'))})")
+        alts.append(f"(?P<j>{conj})")
+    singular = frozenset(_phrases(spec, "singular"))
+    return (re.compile("|".join(alts)) if alts else None), singular
+
+
+def _with_clauses(low: str, s0: int, s1: int, lang: str, trigs: list[_Trig]) -> list[_Trig]:
+    """The sentence ``low[s0:s1]``'s triggers with its clause boundaries added as terminators, so that a trigger
+    covers the clause it closes and not earlier chained clauses.
+
+    Chained clauses end at a continuative form (「認め、」「〜しており」) or at a predicate followed by a comma or
+    conjunction ("is seen and"); coordinated noun phrases (「A及びBは認めない」, "effusion and pneumothorax are not
+    seen") hold no boundary. A topic 「Aは」 ends a clause when a case particle (「結節は肺癌を疑う」) or a genitive
+    right before the trigger (「結節は転移の可能性」) follows it before the next trigger or boundary. A trigger
+    in the singular ("is suspected") has one subject, so the conjunction before it is a boundary. A hedge used
+    attributively (「肺塞栓を疑う造影欠損は認めない」) is dropped when a negation of its head noun follows in the
+    same clause: the negation covers the whole noun phrase.
+    """
+    rx, singular = _clause_grammar(lang)
+    if rx is None:
+        return trigs
+    bounds: list[_Trig] = []
+    topics: list[tuple[int, int]] = []
+    cases: list[int] = []
+    genitives: list[int] = []
+    conjs: list[tuple[int, int]] = []
+    for m in rx.finditer(low, s0, s1):
+        kind = m.lastgroup
+        if kind == "t":
+            topics.append(m.span())
+        elif kind == "c":
+            cases.append(m.start())
+        elif kind == "g":
+            genitives.append(m.end())
+        elif kind == "j":
+            conjs.append(m.span())
+        elif kind in ("b", "b2"):
+            bounds.append(_Trig(m.start(kind), m.end(kind), "terminate", "both"))
+            if kind == "b2" or lang == "en":
+                conjs.append(m.span(kind))
+    active = [t for t in trigs if t.cat not in _SCOPELESS]
+    if topics:
+        if genitives:  # a genitive counts where a trigger begins right after it
+            t_starts = {t.start for t in active}
+            cases = sorted(cases + [g - 1 for g in genitives if g in t_starts])
+        if cases:
+            stops = sorted([t.start for t in trigs if t.cat != "pseudo"] + [t.start for t in bounds])
+            for a, b in topics:
+                k = bisect.bisect_left(cases, b)
+                j = bisect.bisect_left(stops, b)
+                if k < len(cases) and (j == len(stops) or cases[k] < stops[j]):
+                    bounds.append(_Trig(a, b, "terminate", "both"))
+    if singular and conjs:
+        conj_ends = sorted(e for _, e in conjs)
+        for t in active:
+            if t.direction != "forward" and low[t.start:t.end].split(None, 1)[0] in singular:
+                k = bisect.bisect_right(conj_ends, t.start) - 1
+                if k >= 0:
+                    e = conj_ends[k]
+                    bounds.append(_Trig(e, e, "terminate", "both"))
+    if lang == "ja":
+        trigs = _drop_attributive_hedges(low, s1, trigs, bounds)
+    return trigs + bounds
+
+
+def _drop_attributive_hedges(low: str, s1: int, trigs: list[_Trig], bounds: list[_Trig]) -> list[_Trig]:
+    """Without the hedges that modify a noun which a later negation in the same clause denies."""
+    hedges = [t for t in trigs if t.cat == "possible" and t.direction != "forward" and t.end < s1
+              and _NOUN_START.match(low, t.end)]
+    if not hedges:
+        return trigs
+    negs = sorted(t.start for t in trigs if t.cat == "negated")
+    stops = sorted(t.start for t in (*trigs, *bounds) if t.cat == "terminate")
+    drop = set()
+    for h in hedges:
+        k = bisect.bisect_left(negs, h.end)
+        j = bisect.bisect_left(stops, h.end)
+        if k < len(negs) and (j == len(stops) or negs[k] <= stops[j]):
+            drop.add(h)
+    return [t for t in trigs if t not in drop]
+
+
 def _find_concept(low: str, concept: str) -> list[tuple[int, int]]:
     words = [re.escape(w) for w in re.split(r"[\s\-]+", _lower(concept).strip()) if w]
     if not words:
@@ -795,6 +913,8 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
                     inside.append(order[j])
                 j -= 1
             trigs = [_Trig(*trig_hits[i]) for i in sorted(inside)]  # list order decides ties
+            if any(t.cat not in _SCOPELESS for t in trigs):
+                trigs = _with_clauses(low, s.start, s.end, lang, trigs)
             scopes[k] = _Scope(low, trigs, s.start, s.end, gaps)
         status, temporal, _ = scopes[k].assert_span(ms, me)
         if status == "affirmed" and temporal == "hypothetical":
@@ -842,6 +962,8 @@ def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float],
         s = sents[i]
         counted = s.section not in IGNORED_SECTIONS
         trigs = trig_by_sent.get(i, [])
+        if any(t.cat not in _SCOPELESS for t in trigs):
+            trigs = _with_clauses(low, s.start, s.end, lang, trigs)
         scope = _Scope(low, trigs, s.start, s.end, gaps)
         organs = [(a, b, o) for a, b, k, o in found if k == "organ"]  # disjoint, in text order
         centres = [a + b for a, b, _ in organs]
