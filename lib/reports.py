@@ -96,9 +96,12 @@ def _trie_pattern(phrases: list[str]) -> str:
             alts.append(f"(?![{_W}])" if _is_word_char(prev) else "")
         return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
-    # literal first, then "no word character before it": the engine can reject a branch on one char
-    alts = [re.escape(ch) + (f"(?<![{_W}]{re.escape(ch)})" if _is_word_char(ch) else "") + emit(trie[ch], ch)
-            for ch in sorted(trie)]
+    # phrases that start with a word character are tried only where a word starts: one look-behind per
+    # position rejects the inside of words before any branch is entered
+    words = [re.escape(ch) + emit(trie[ch], ch) for ch in sorted(trie) if _is_word_char(ch)]
+    alts = [re.escape(ch) + emit(trie[ch], ch) for ch in sorted(trie) if not _is_word_char(ch)]
+    if words:
+        alts.insert(0, f"(?<![{_W}])(?:" + "|".join(words) + ")")
     return "(?:" + "|".join(alts) + ")" if alts else "(?!)"
 
 
@@ -344,6 +347,14 @@ def _split_ja(text: str, a: int, b: int) -> list[tuple[int, int]]:
 def split_sentences(text: str, lang: str = "en") -> list[Sentence]:
     """Sentences with their section: periods (not abbreviations or list numbers), 「。」, line breaks
     that end a sentence, bullets, and headers such as FINDINGS: / IMPRESSION: / 【所見】 / 診断：."""
+    if lang != "ja" and ":" not in text:  # no header; one sentence unless a boundary comes before its end
+        m = _EN_BOUND.search(text)
+        if m is None or not text[m.end():].strip():
+            core = text.strip()
+            if not core:
+                return []
+            s = len(text) - len(text.lstrip())
+            return [Sentence(s, s + len(core), "other")]
     out = []
     split = _split_ja if lang == "ja" else _split_en
     for a, b, kind in _sections(text, lang):
@@ -840,18 +851,41 @@ def _drop_attributive_hedges(low: str, s1: int, trigs: list[_Trig], bounds: list
     return [t for t in trigs if t not in drop]
 
 
+_SEP_RE = re.compile(r"[\s\-]+")
+
+
+@lru_cache(maxsize=65536)
+def _concept_words(concept: str) -> tuple[str, ...]:
+    return tuple(w for w in _SEP_RE.split(_lower(concept).strip()) if w)
+
+
+@lru_cache(maxsize=65536)
+def _words_regex(words: tuple[str, ...]) -> re.Pattern:
+    return re.compile(r"[\s\-]+".join(map(re.escape, words)))
+
+
+def _find_all(low: str, word: str) -> list[tuple[int, int]]:
+    """Non-overlapping occurrences of ``word``, by plain search (compiling a regex costs more than one sentence)."""
+    out, n = [], len(word)
+    i = low.find(word)
+    while i >= 0:
+        out.append((i, i + n))
+        i = low.find(word, i + n)
+    return out
+
+
 def _find_concept(low: str, concept: str) -> list[tuple[int, int]]:
-    words = [re.escape(w) for w in re.split(r"[\s\-]+", _lower(concept).strip()) if w]
+    words = _concept_words(concept)
     if not words:
         return []
-    spans = [m.span() for m in re.finditer(r"[\s\-]+".join(words), low)]
+    spans = _find_all(low, words[0]) if len(words) == 1 else [m.span() for m in _words_regex(words).finditer(low)]
     if spans:
         return spans
     for w in sorted(words, key=len, reverse=True):  # concept worded differently: anchor on its longest word
         if len(w) >= 3 or _CJK.search(w):
-            spans = [m.span() for m in re.finditer(w, low)]
-            if spans:
-                return spans[:1]
+            i = low.find(w)
+            if i >= 0:
+                return [(i, i + len(w))]
     return []
 
 
@@ -875,6 +909,10 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
     spans = _find_concept(low, concept)
     if not spans:
         return "affirmed"
+    matcher = _generic_triggers(lang)
+    hits = matcher.find(low)
+    if all(h[2] == "terminate" for h in hits):  # nothing can assert anything: no sentence split needed
+        return "affirmed"
     sents = split_sentences(sentence, lang) or [Sentence(0, len(sentence), "other")]
     starts = [s.start for s in sents]
     # a concept inside a header ("ALLERGIES: ...") is a heading, not a mention
@@ -883,8 +921,7 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
     marked = [sp for sp in spans if sentence[sp[0]:sp[1]].isupper() and not concept.isupper()]
     if 0 < len(marked) < len(spans) and not sentence.isupper():
         spans = marked
-    matcher = _generic_triggers(lang)
-    trig_hits = matcher.find(low)
+    trig_hits = list(hits)
     # a pseudo-trigger running into the concept ("no change| in vision") is the concept's own word:
     # what precedes the concept is read again on its own ("no")
     span_starts = sorted(ms for ms, _ in spans)
@@ -893,12 +930,13 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
         if cat == "pseudo" and k < len(span_starts) and span_starts[k] < b:
             trig_hits += matcher.find(low, a, span_starts[k])
     # triggers of a sentence: those overlapping it (found through start order and a running maximum of ends)
-    order = sorted(range(len(trig_hits)), key=lambda i: (trig_hits[i][0], i))
-    hit_starts = [trig_hits[i][0] for i in order]
-    pmax, top = [], -1
-    for i in order:
-        top = max(top, trig_hits[i][1])
-        pmax.append(top)
+    if len(sents) > 1:
+        order = sorted(range(len(trig_hits)), key=lambda i: (trig_hits[i][0], i))
+        hit_starts = [trig_hits[i][0] for i in order]
+        pmax, top = [], -1
+        for i in order:
+            top = max(top, trig_hits[i][1])
+            pmax.append(top)
     gaps = _Gaps(low, lang)
     scopes: dict[int, _Scope] = {}
     results = []
@@ -906,13 +944,16 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
         k = max(0, bisect.bisect_right(starts, ms) - 1)
         if k not in scopes:
             s = sents[k]
-            j = bisect.bisect_left(hit_starts, s.end) - 1
-            inside = []
-            while j >= 0 and pmax[j] > s.start:
-                if trig_hits[order[j]][1] > s.start:
-                    inside.append(order[j])
-                j -= 1
-            trigs = [_Trig(*trig_hits[i]) for i in sorted(inside)]  # list order decides ties
+            if len(sents) == 1:
+                trigs = [_Trig(*h) for h in trig_hits if h[1] > s.start and h[0] < s.end]
+            else:
+                j = bisect.bisect_left(hit_starts, s.end) - 1
+                inside = []
+                while j >= 0 and pmax[j] > s.start:
+                    if trig_hits[order[j]][1] > s.start:
+                        inside.append(order[j])
+                    j -= 1
+                trigs = [_Trig(*trig_hits[i]) for i in sorted(inside)]  # list order decides ties
             if any(t.cat not in _SCOPELESS for t in trigs):
                 trigs = _with_clauses(low, s.start, s.end, lang, trigs)
             scopes[k] = _Scope(low, trigs, s.start, s.end, gaps)
