@@ -746,12 +746,13 @@ def _phrases(spec: dict, key: str) -> list[str]:
 
 
 @cache
-def _clause_grammar(lang: str) -> tuple[re.Pattern | None, frozenset]:
-    """The clause grammar of ``lang`` from ``triggers.yaml`` (``clause``): one regex whose groups are ``b``/``b2``
-    boundaries, ``t`` topic markers, ``c`` case particles, ``g`` genitives, ``j`` conjunctions and ``n``
-    coordinators (consumed, never a boundary); and the singular words that begin a one-subject trigger."""
+def _clause_grammar(lang: str) -> tuple[re.Pattern | None, re.Pattern | None, frozenset]:
+    """The clause grammar of ``lang`` from ``triggers.yaml`` (``clause``): a regex whose groups are ``b``/``b2``
+    boundaries, ``t`` topic markers, ``j`` conjunctions and ``n`` coordinators (consumed, never a boundary); a
+    regex of case particles (``c``) and genitives (``g``), scanned only after a topic; and the singular words
+    that begin a one-subject trigger."""
     spec = _trigger_spec().get(lang, {}).get("clause") or {}
-    alts = []
+    alts, after_topic = [], []
     if lang == "ja":
         if spec.get("coordinator"):
             alts.append(f"(?P<n>{_trie_pattern(_phrases(spec, 'coordinator'))})")
@@ -761,9 +762,9 @@ def _clause_grammar(lang: str) -> tuple[re.Pattern | None, frozenset]:
             alts.append(f"(?P<b2>(?<=[{_KANJI}]){_trie_pattern(_phrases(spec, 'after_kanji'))}(?![{_HIRAGANA}]))")
         if spec.get("topic") and spec.get("case"):
             alts.append(f"(?P<t>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'topic'))})")
-            alts.append(f"(?P<c>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'case'))})")
+            after_topic.append(f"(?P<c>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'case'))})")
             if spec.get("genitive"):
-                alts.append(f"(?P<g>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'genitive'))})")
+                after_topic.append(f"(?P<g>(?<![{_HIRAGANA}]){_trie_pattern(_phrases(spec, 'genitive'))})")
     elif spec.get("conjunction"):
         conj = _trie_pattern(_phrases(spec, "conjunction"))
         if spec.get("predicate"):
@@ -772,7 +773,8 @@ def _clause_grammar(lang: str) -> tuple[re.Pattern | None, frozenset]:
             alts.append(f"(?P<b2>{conj})(?=\\s+{_trie_pattern(_phrases(spec, 'determiner'))})")
         alts.append(f"(?P<j>{conj})")
     singular = frozenset(_phrases(spec, "singular"))
-    return (re.compile("|".join(alts)) if alts else None), singular
+    return (re.compile("|".join(alts)) if alts else None,
+            re.compile("|".join(after_topic)) if after_topic else None, singular)
 
 
 def _with_clauses(low: str, s0: int, s1: int, lang: str, trigs: list[_Trig]) -> list[_Trig]:
@@ -787,33 +789,34 @@ def _with_clauses(low: str, s0: int, s1: int, lang: str, trigs: list[_Trig]) -> 
     attributively (「肺塞栓を疑う造影欠損は認めない」) is dropped when a negation of its head noun follows in the
     same clause: the negation covers the whole noun phrase.
     """
-    rx, singular = _clause_grammar(lang)
+    rx, rx_case, singular = _clause_grammar(lang)
     if rx is None:
         return trigs
     bounds: list[_Trig] = []
     topics: list[tuple[int, int]] = []
-    cases: list[int] = []
-    genitives: list[int] = []
-    conjs: list[tuple[int, int]] = []
+    conjs: list[int] = []  # ends of conjunctions
     for m in rx.finditer(low, s0, s1):
         kind = m.lastgroup
         if kind == "t":
             topics.append(m.span())
-        elif kind == "c":
-            cases.append(m.start())
-        elif kind == "g":
-            genitives.append(m.end())
         elif kind == "j":
-            conjs.append(m.span())
-        elif kind in ("b", "b2"):
-            bounds.append(_Trig(m.start(kind), m.end(kind), "terminate", "both"))
-            if kind == "b2" or lang == "en":
-                conjs.append(m.span(kind))
-    active = [t for t in trigs if t.cat not in _SCOPELESS]
-    if topics:
-        if genitives:  # a genitive counts where a trigger begins right after it
-            t_starts = {t.start for t in active}
-            cases = sorted(cases + [g - 1 for g in genitives if g in t_starts])
+            conjs.append(m.end())
+        elif kind == "b" or kind == "b2":
+            a, b = m.span(kind)
+            bounds.append(_Trig(a, b, "terminate", "both"))
+            if lang == "en":
+                conjs.append(b)
+    if topics and rx_case is not None:
+        cases: list[int] = []
+        t_starts = None
+        for m in rx_case.finditer(low, topics[0][1], s1):
+            if m.lastgroup == "c":
+                cases.append(m.start())
+            else:  # a genitive counts where a trigger begins right after it
+                if t_starts is None:
+                    t_starts = {t.start for t in trigs if t.cat not in _SCOPELESS}
+                if m.end() in t_starts:
+                    cases.append(m.start())
         if cases:
             stops = sorted([t.start for t in trigs if t.cat != "pseudo"] + [t.start for t in bounds])
             for a, b in topics:
@@ -822,16 +825,16 @@ def _with_clauses(low: str, s0: int, s1: int, lang: str, trigs: list[_Trig]) -> 
                 if k < len(cases) and (j == len(stops) or cases[k] < stops[j]):
                     bounds.append(_Trig(a, b, "terminate", "both"))
     if singular and conjs:
-        conj_ends = sorted(e for _, e in conjs)
-        for t in active:
-            if t.direction != "forward" and low[t.start:t.end].split(None, 1)[0] in singular:
-                k = bisect.bisect_right(conj_ends, t.start) - 1
+        conjs.sort()
+        for t in trigs:
+            if (t.cat not in _SCOPELESS and t.direction != "forward"
+                    and low[t.start:t.end].split(None, 1)[0] in singular):
+                k = bisect.bisect_right(conjs, t.start) - 1
                 if k >= 0:
-                    e = conj_ends[k]
-                    bounds.append(_Trig(e, e, "terminate", "both"))
+                    bounds.append(_Trig(conjs[k], conjs[k], "terminate", "both"))
     if lang == "ja":
         trigs = _drop_attributive_hedges(low, s1, trigs, bounds)
-    return trigs + bounds
+    return trigs + bounds if bounds else trigs
 
 
 def _drop_attributive_hedges(low: str, s1: int, trigs: list[_Trig], bounds: list[_Trig]) -> list[_Trig]:

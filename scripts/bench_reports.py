@@ -8,11 +8,12 @@ Default mode: generates N synthetic abdominal-CT reports per language with lib.s
 labels them and prints reports/s and sentences/s.
 
 ``--vs negspacy``: installs negspacy (and medspacy with ``--medspacy``) from PyPI into throw-away virtualenvs under the
-temp folder (or ``--venv DIR``), one per system, then, in one run, alternates repetitions of ``lib.reports.assertion`` and of
-negspacy's NegEx (medspacy's ConText) on the same NegEx test-kit sentences. The reference systems run in a worker
-process of their own; each side times only its own loop (CPU time of its process, and wall time). Every
-repetition of ours starts with the concept caches cleared. spaCy gets the concept as the document's one entity
-(a blank English pipeline with a sentencizer: no model to download); negation F1 is scored for every system.
+temp folder (or ``--venv DIR``), one per system, then, in one run, alternates repetitions of
+``lib.reports.assertion`` and of negspacy's NegEx (medspacy's ConText) on the same NegEx test-kit sentences. The
+reference systems run in worker processes of their own; each side times only its own loop (CPU time of its
+process, and wall time). Every pass of ours starts with the concept caches cleared. spaCy gets the concept as the
+document's one entity (a blank English pipeline with a sentencizer: no model to download); negation precision,
+recall and F1 are scored for every system.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_reports.py [--n 10000] [--lang en ja] [--seed S]
        OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_reports.py --vs negspacy [--medspacy] [--reps 7]
@@ -202,9 +203,11 @@ def bench_versus(args: argparse.Namespace) -> None:
                                 "processor": platform.processor(), "cpus": os.cpu_count(),
                                 "python": platform.python_version(),
                                 "load_average": list(os.getloadavg())},
-                    "sentences": len(rows), "passes_per_repetition": args.passes, "repetitions": args.reps, "versions": versions, "systems": {}}
-    print(f"\n{len(rows)} NegEx sentences x {args.passes} passes x {args.reps} alternating repetitions; sentences/s from the CPU time of "
-          "each system's own process (median [min, max]), wall in brackets; negation precision / recall / F1")
+                    "sentences": len(rows), "passes_per_repetition": args.passes, "repetitions": args.reps,
+                    "versions": versions, "systems": {}}
+    print(f"\n{len(rows)} NegEx sentences x {args.passes} passes x {args.reps} alternating repetitions; sentences/s "
+          "from the CPU time of each system's own process (median [min, max]), wall in brackets;\n"
+          "negation precision / recall / F1")
     for n in names:
         cpu_rates = [n_done / c for c, _ in times[n]]
         wall_rates = [n_done / w for _, w in times[n]]

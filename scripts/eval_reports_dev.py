@@ -200,8 +200,8 @@ def negex(mod: ModuleType, df: pd.DataFrame, show_errors: int = 0) -> tuple[list
     pred = ["negated" if x == "negated" else "affirmed" for x in raw]
     gold = df[status].str.lower().tolist()
     if show_errors:
-        for r, p in [(r, p) for r, p in zip(df.itertuples(index=False), pred, strict=True)
-                     if p != r[3].lower()][:show_errors]:
+        wrong = [r for r, p in zip(df.itertuples(index=False), pred, strict=True) if p != r[3].lower()]
+        for r in wrong[:show_errors]:
             print(f"  [{r[3]}] {r[1]!r}: {r[2][:220]!r}")
     return list(range(len(df))), gold, pred, rate
 

@@ -351,7 +351,8 @@ def test_medtxt_held_out_split_is_the_declared_one() -> None:
 
     from lib import config
 
-    spec = importlib.util.spec_from_file_location("eval_reports_dev", Path(config.ROOT, "scripts", "eval_reports_dev.py"))
+    path = Path(config.ROOT, "scripts", "eval_reports_dev.py")
+    spec = importlib.util.spec_from_file_location("eval_reports_dev", path)
     ev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ev)
     df = pd.read_csv(shared("reports", "medtxt-rr-ja-ner-dev.csv"))
