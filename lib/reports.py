@@ -777,7 +777,27 @@ def _clause_grammar(lang: str) -> tuple[re.Pattern | None, re.Pattern | None, fr
             re.compile("|".join(after_topic)) if after_topic else None, singular)
 
 
-def _with_clauses(low: str, s0: int, s1: int, lang: str, trigs: list[_Trig]) -> list[_Trig]:
+def _reach_hull(trigs: list[_Trig], items: Sequence[tuple[int, int]], s0: int, s1: int) -> tuple[int, int]:
+    """[lo, hi): where a clause boundary between mentions and the triggers that may reach them can begin (a
+    superset, in linear time; a boundary's own words, "seen and", may begin inside a mention or trigger).
+    Empty (lo >= hi) when every trigger touches or precedes the mentions it could reach."""
+    lo, hi = s1, s0
+    if not items:
+        return lo, hi
+    first_start, first_end = min(a for a, _ in items), min(b for _, b in items)
+    last_start = max(a for a, _ in items)
+    for t in trigs:
+        if t.cat in _SCOPELESS:
+            continue
+        if t.direction != "forward" and t.start > first_end:
+            lo, hi = min(lo, first_start), max(hi, t.start)
+        if t.direction != "backward" and t.end < last_start:
+            lo, hi = min(lo, t.start), max(hi, last_start)
+    return lo, hi
+
+
+def _with_clauses(low: str, s0: int, s1: int, lang: str, trigs: list[_Trig],
+                  items: Sequence[tuple[int, int]] | None = None) -> list[_Trig]:
     """The sentence ``low[s0:s1]``'s triggers with its clause boundaries added as terminators, so that a trigger
     covers the clause it closes and not earlier chained clauses.
 
@@ -787,15 +807,21 @@ def _with_clauses(low: str, s0: int, s1: int, lang: str, trigs: list[_Trig]) -> 
     right before the trigger (「結節は転移の可能性」) follows it before the next trigger or boundary. A trigger
     in the singular ("is suspected") has one subject, so the conjunction before it is a boundary. A hedge used
     attributively (「肺塞栓を疑う造影欠損は認めない」) is dropped when a negation of its head noun follows in the
-    same clause: the negation covers the whole noun phrase.
+    same clause: the negation covers the whole noun phrase. ``items``: the spans of the sentence's mentions;
+    only the text between them and the triggers that may reach them is scanned (all of it when None).
     """
     rx, rx_case, singular = _clause_grammar(lang)
     if rx is None:
         return trigs
+    lo, hi = (s0, s1) if items is None else _reach_hull(trigs, items, s0, s1)
+    if lo >= hi:
+        return trigs
     bounds: list[_Trig] = []
     topics: list[tuple[int, int]] = []
     conjs: list[int] = []  # ends of conjunctions
-    for m in rx.finditer(low, s0, s1):
+    for m in rx.finditer(low, lo, s1):  # the sentence end stays the end: a guard must see what follows
+        if m.start() >= hi:
+            break
         kind = m.lastgroup
         if kind == "t":
             topics.append(m.span())
@@ -958,7 +984,8 @@ def assertion(sentence: str, concept: str, lang: str = "en") -> str:
                     j -= 1
                 trigs = [_Trig(*trig_hits[i]) for i in sorted(inside)]  # list order decides ties
             if any(t.cat not in _SCOPELESS for t in trigs):
-                trigs = _with_clauses(low, s.start, s.end, lang, trigs)
+                trigs = _with_clauses(low, s.start, s.end, lang, trigs,
+                                      [sp for sp in spans if s.start <= sp[0] < s.end])
             scopes[k] = _Scope(low, trigs, s.start, s.end, gaps)
         status, temporal, _ = scopes[k].assert_span(ms, me)
         if status == "affirmed" and temporal == "hypothetical":
@@ -1007,7 +1034,7 @@ def _analyse(text: str, vocab: Vocabulary, lang: str) -> tuple[dict[str, float],
         counted = s.section not in IGNORED_SECTIONS
         trigs = trig_by_sent.get(i, [])
         if any(t.cat not in _SCOPELESS for t in trigs):
-            trigs = _with_clauses(low, s.start, s.end, lang, trigs)
+            trigs = _with_clauses(low, s.start, s.end, lang, trigs, [(a, b) for a, b, _, _ in found])
         scope = _Scope(low, trigs, s.start, s.end, gaps)
         organs = [(a, b, o) for a, b, k, o in found if k == "organ"]  # disjoint, in text order
         centres = [a + b for a, b, _ in organs]
