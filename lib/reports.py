@@ -96,12 +96,16 @@ def _trie_pattern(phrases: list[str]) -> str:
             alts.append(f"(?![{_W}])" if _is_word_char(prev) else "")
         return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
-    # phrases that start with a word character are tried only where a word starts: one look-behind per
-    # position rejects the inside of words before any branch is entered
-    words = [re.escape(ch) + emit(trie[ch], ch) for ch in sorted(trie) if _is_word_char(ch)]
-    alts = [re.escape(ch) + emit(trie[ch], ch) for ch in sorted(trie) if not _is_word_char(ch)]
-    if words:
-        alts.insert(0, f"(?<![{_W}])(?:" + "|".join(words) + ")")
+    if 2 * sum(_is_word_char(p[:1]) for p in phrases) > len(phrases):
+        # mostly words (English): one look-behind per position rejects the inside of words before any branch
+        words = [re.escape(ch) + emit(trie[ch], ch) for ch in sorted(trie) if _is_word_char(ch)]
+        alts = [re.escape(ch) + emit(trie[ch], ch) for ch in sorted(trie) if not _is_word_char(ch)]
+        if words:
+            alts.insert(0, f"(?<![{_W}])(?:" + "|".join(words) + ")")
+    else:
+        # mostly CJK: literal first, so the engine skips positions by the set of first characters
+        alts = [re.escape(ch) + (f"(?<![{_W}]{re.escape(ch)})" if _is_word_char(ch) else "") + emit(trie[ch], ch)
+                for ch in sorted(trie)]
     return "(?:" + "|".join(alts) + ")" if alts else "(?!)"
 
 
