@@ -1,0 +1,129 @@
+"""Benchmark: crop stage on a Dask cluster, cases/s with 1 and 2 workers and the scaling efficiency.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_cluster.py --profile demo
+
+For each worker count a ``LocalCluster`` (single-threaded worker processes) is started, then
+``lib.crop.crop_cohort(..., scheduler=<its address>)`` crops every case of the cohort into a fresh folder;
+the timed span is the crop stage alone (cluster start-up is printed separately). Inputs are read once
+before timing so both runs start from a warm page cache. Scaling efficiency = (cases/s with n workers) /
+(n x cases/s with 1 worker). Also measured: the workers' peak resident memory (``getrusage`` in each worker),
+input and output bytes per case: the per-case figures ``docs/scale.md`` extrapolates from. Figures and the
+machine's load are written to ``--out`` (JSON); on a shared machine other jobs lower both throughput and
+efficiency, so the load averages are recorded beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lib import config, crop, resources, synth
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of the calling process (runs inside each Dask worker)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def run_once(cases, structures: list[str], n_workers: int, mode: str) -> dict:  # noqa: ANN001 (case table)
+    """Start a LocalCluster of ``n_workers``, crop every case through it, return the measured figures."""
+    from distributed import Client, LocalCluster
+
+    out = Path(tempfile.mkdtemp(prefix=f"bench_cluster_{n_workers}_"))
+    try:
+        t0 = time.perf_counter()
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                          host="127.0.0.1", env=resources.thread_env(1)) as lc, Client(lc) as client:
+            startup = time.perf_counter() - t0
+            load0 = os.getloadavg()
+            w0 = time.perf_counter()
+            index, skipped = crop.crop_cohort(cases, structures, out, mode=mode, scheduler=lc.scheduler_address,
+                                              progress=False)
+            wall = time.perf_counter() - w0
+            load1 = os.getloadavg()
+            rss = client.run(_peak_rss_mib)
+        assert index.attrs["computed"] == len(cases), "every case must be computed (fresh folder)"
+        return {"workers": n_workers, "cases": len(cases), "crops": len(index), "skipped": len(skipped),
+                "seconds": round(wall, 2), "cases_per_s": round(len(cases) / wall, 3),
+                "cluster_startup_s": round(startup, 2), "worker_peak_rss_mib": round(max(rss.values()), 1),
+                "output_bytes": _tree_bytes(out), "loadavg_1min_before_after": [round(load0[0], 2),
+                                                                                round(load1[0], 2)]}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="demo", choices=sorted(synth.PROFILES))
+    ap.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
+    ap.add_argument("--cases", type=int, default=0, help="first N cases of the cohort (0: all)")
+    ap.add_argument("--mode", default="bbox", choices=crop.MODES)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", type=Path, default=config.ROOT / "docs" / "results" / "cluster-scaling.json")
+    args = ap.parse_args(argv)
+
+    cases = crop.discover_cases(synth.ensure_cohort(args.profile, args.seed))
+    cases = cases.head(args.cases) if args.cases else cases
+    structures = list(crop.DEFAULT_STRUCTURES)
+    inputs = [Path(p) for c in ("image", "mask", "lesion") for p in cases[c] if p]
+    in_bytes = sum(p.stat().st_size for p in inputs)
+    for p in inputs:  # warm the page cache: every run reads the same files from memory
+        p.read_bytes()
+    print(f"{len(cases)} cases of the {args.profile} cohort ({in_bytes / 1e6:.1f} MB .nii.gz), "
+          f"{len(structures)} structures, mode {args.mode}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    runs = []
+    for n in args.workers:
+        r = run_once(cases, structures, n, args.mode)
+        runs.append(r)
+        print(f"{n} worker(s): {r['cases_per_s']:.2f} cases/s ({r['seconds']:.1f} s for {r['cases']} cases, "
+              f"{r['crops']} crops; cluster start {r['cluster_startup_s']:.1f} s; worker peak RSS "
+              f"{r['worker_peak_rss_mib']:.0f} MiB; load {r['loadavg_1min_before_after']})")
+    base = next((r for r in runs if r["workers"] == 1), None)
+    for r in runs:
+        r["scaling_efficiency"] = (round(r["cases_per_s"] / (r["workers"] * base["cases_per_s"]), 3)
+                                   if base else None)
+        if base and r["workers"] > 1:
+            print(f"scaling efficiency at {r['workers']} workers: {r['scaling_efficiency']:.0%}")
+    per_case = {"input_bytes": round(in_bytes / len(cases)),
+                "output_bytes": round(runs[0]["output_bytes"] / len(cases)),
+                "worker_seconds": round(base["seconds"] / len(cases), 3) if base else None}
+    print(f"per case: {per_case['input_bytes'] / 1e6:.2f} MB in, {per_case['output_bytes'] / 1e6:.3f} MB out, "
+          f"{per_case['worker_seconds']} worker-seconds")
+    result = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+              "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+                          "platform": platform.platform(),
+                          "shared": "other jobs ran on the same cores; see loadavg per run"},
+              "profile": args.profile, "mode": args.mode, "structures": structures, "per_case": per_case,
+              "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
