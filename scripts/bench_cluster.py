@@ -5,11 +5,12 @@
 For each worker count a ``LocalCluster`` (single-threaded worker processes) is started, then
 ``lib.crop.crop_cohort(..., scheduler=<its address>)`` crops every case of the cohort into a fresh folder;
 the timed span is the crop stage alone (cluster start-up is printed separately). Inputs are read once
-before timing so both runs start from a warm page cache. Scaling efficiency = (cases/s with n workers) /
-(n x cases/s with 1 worker). Also measured: the workers' peak resident memory (``getrusage`` in each worker),
-input and output bytes per case: the per-case figures ``docs/scale.md`` extrapolates from. Figures and the
-machine's load are written to ``--out`` (JSON); on a shared machine other jobs lower both throughput and
-efficiency, so the load averages are recorded beside them.
+before timing so every run starts from a warm page cache. Scaling efficiency = (cases/s with n workers) /
+(n x cases/s with 1 worker), from the best of ``--repeat`` interleaved rounds. Also measured: the workers'
+peak resident memory and CPU seconds (``getrusage`` in each worker), input and output bytes per case: the
+per-case figures ``docs/scale.md`` extrapolates from. Figures and the machine's load are written to ``--out``
+(JSON); on a shared machine other jobs lower both throughput and efficiency, so the load averages are
+recorded beside them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def _peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of the calling process so far (runs inside each Dask worker)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _cpu_model() -> str:
@@ -60,15 +69,18 @@ def run_once(cases, structures: list[str], n_workers: int, mode: str) -> dict:  
                           host="127.0.0.1", env=resources.thread_env(1)) as lc, Client(lc) as client:
             startup = time.perf_counter() - t0
             load0 = os.getloadavg()
+            cpu0 = client.run(_cpu_seconds)
             w0 = time.perf_counter()
             index, skipped = crop.crop_cohort(cases, structures, out, mode=mode, scheduler=lc.scheduler_address,
                                               progress=False)
             wall = time.perf_counter() - w0
             load1 = os.getloadavg()
             rss = client.run(_peak_rss_mib)
+            cpu = sum(client.run(_cpu_seconds).values()) - sum(cpu0.values())
         assert index.attrs["computed"] == len(cases), "every case must be computed (fresh folder)"
         return {"workers": n_workers, "cases": len(cases), "crops": len(index), "skipped": len(skipped),
                 "seconds": round(wall, 2), "cases_per_s": round(len(cases) / wall, 3),
+                "worker_cpu_s": round(cpu, 2), "cpu_s_per_case": round(cpu / len(cases), 4),
                 "cluster_startup_s": round(startup, 2), "worker_peak_rss_mib": round(max(rss.values()), 1),
                 "output_bytes": _tree_bytes(out), "loadavg_1min_before_after": [round(load0[0], 2),
                                                                                 round(load1[0], 2)]}
@@ -83,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cases", type=int, default=0, help="first N cases of the cohort (0: all)")
     ap.add_argument("--mode", default="bbox", choices=crop.MODES)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the best wall time of each counts")
     ap.add_argument("--out", type=Path, default=config.ROOT / "docs" / "results" / "cluster-scaling.json")
     args = ap.parse_args(argv)
 
@@ -95,13 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
         p.read_bytes()
     print(f"{len(cases)} cases of the {args.profile} cohort ({in_bytes / 1e6:.1f} MB .nii.gz), "
           f"{len(structures)} structures, mode {args.mode}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
-    runs = []
-    for n in args.workers:
-        r = run_once(cases, structures, n, args.mode)
-        runs.append(r)
-        print(f"{n} worker(s): {r['cases_per_s']:.2f} cases/s ({r['seconds']:.1f} s for {r['cases']} cases, "
-              f"{r['crops']} crops; cluster start {r['cluster_startup_s']:.1f} s; worker peak RSS "
-              f"{r['worker_peak_rss_mib']:.0f} MiB; load {r['loadavg_1min_before_after']})")
+    rounds = []
+    for _ in range(args.repeat):  # interleaved (1, 2, 1, 2, ...): load from other jobs hits every count alike
+        for n in args.workers:
+            r = run_once(cases, structures, n, args.mode)
+            rounds.append(r)
+            print(f"{n} worker(s): {r['cases_per_s']:.2f} cases/s ({r['seconds']:.1f} s for {r['cases']} cases, "
+                  f"{r['crops']} crops; {r['cpu_s_per_case']:.3f} worker CPU-s per case; cluster start "
+                  f"{r['cluster_startup_s']:.1f} s; worker peak RSS {r['worker_peak_rss_mib']:.0f} MiB; "
+                  f"load {r['loadavg_1min_before_after']})")
+    runs = [dict(min((r for r in rounds if r["workers"] == n), key=lambda r: r["seconds"])) for n in args.workers]
     base = next((r for r in runs if r["workers"] == 1), None)
     for r in runs:
         r["scaling_efficiency"] = (round(r["cases_per_s"] / (r["workers"] * base["cases_per_s"]), 3)
@@ -110,15 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"scaling efficiency at {r['workers']} workers: {r['scaling_efficiency']:.0%}")
     per_case = {"input_bytes": round(in_bytes / len(cases)),
                 "output_bytes": round(runs[0]["output_bytes"] / len(cases)),
-                "worker_seconds": round(base["seconds"] / len(cases), 3) if base else None}
+                "worker_seconds": round(base["seconds"] / len(cases), 3) if base else None,
+                "worker_cpu_seconds": min(r["cpu_s_per_case"] for r in runs),
+                "worker_peak_rss_mib": max(r["worker_peak_rss_mib"] for r in runs)}
     print(f"per case: {per_case['input_bytes'] / 1e6:.2f} MB in, {per_case['output_bytes'] / 1e6:.3f} MB out, "
-          f"{per_case['worker_seconds']} worker-seconds")
+          f"{per_case['worker_seconds']} worker wall-seconds, {per_case['worker_cpu_seconds']} worker CPU-seconds")
     result = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
               "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
                           "platform": platform.platform(),
                           "shared": "other jobs ran on the same cores; see loadavg per run"},
               "profile": args.profile, "mode": args.mode, "structures": structures, "per_case": per_case,
-              "runs": runs}
+              "repeat": args.repeat, "best": runs, "rounds": rounds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
