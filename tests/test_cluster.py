@@ -167,3 +167,32 @@ def test_crop_on_a_local_cluster_matches_the_process_pool(tmp_path, smoke_cohort
     pd.testing.assert_frame_equal(pool, dask)
     assert _tree_bytes(tmp_path / "pool") == _tree_bytes(tmp_path / "dask")
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_predict_decodes_on_a_running_dask_cluster_like_locally(tmp_path, dask_cluster):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lib import kfold, models
+    from lib.datasets import image_spec
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    torch.manual_seed(0)
+    meta = models.checkpoint_meta("test_resnet", 1, 3, "multiclass", ["x", "y", "z"],
+                                  {"source": "images", **image_spec(1, 16)})
+    ckpt = models.save_checkpoint(tmp_path / "best.pt", models.create_model("test_resnet", 1, 3), meta)
+    local = kfold.predict([ckpt], folder, tmp_path / "local" / "p.csv")
+    kfold._PREDICT_CACHE.clear()  # decode again, this time on the cluster
+    remote = kfold.predict([ckpt], folder, tmp_path / "remote" / "p.csv", scheduler=dask_cluster)
+    pd.testing.assert_frame_equal(local, remote)
+    assert (tmp_path / "local" / "p.csv").read_bytes() == (tmp_path / "remote" / "p.csv").read_bytes()
+    skipped = [(tmp_path / d / "skipped_predict.csv").read_bytes() for d in ("local", "remote")]
+    assert skipped[0] == skipped[1] and b"broken.png" in skipped[0]
