@@ -12,6 +12,7 @@ minimum / maximum (:func:`merge_summaries`); :func:`summary_tables` turns one in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -69,7 +70,12 @@ def report_chunk(studies: pd.DataFrame, langs: Sequence[str] = ("ja",), seed: in
 
 def summarise_chunk(k: int, size: int, seed: int = config.DEFAULT_SEED, langs: Sequence[str] = ("ja",),
                     vocabulary: str = "abdominal-ct", profile: str = "demo") -> dict[str, pd.Series]:
-    """Generate, label and summarise chunk ``k`` (a worker's job); only the summary leaves the worker."""
+    """Generate, label and summarise chunk ``k`` (a worker's job); only the summary leaves the worker.
+
+    The summary also holds the CPU seconds the chunk took and the worker's peak resident memory, so a run
+    reports its own cost.
+    """
+    cpu0 = time.process_time()
     studies = study_chunk(k, size, seed, profile)
     texts = report_chunk(studies, langs, seed, profile)
     out = study_summary(studies)
@@ -78,7 +84,9 @@ def summarise_chunk(k: int, size: int, seed: int = config.DEFAULT_SEED, langs: S
         labels, evidence = reports.label_reports_with_evidence(list(mine.text), vocabulary, lang,
                                                                list(mine.study_id))
         out = merge_summaries(out, label_summary_counts(labels, evidence, lang))
-    return {**merge_summaries(out, length_summary(texts)), "workers_max": pd.Series({"peak_rss_mib": _peak_rss_mib()})}
+    cost = {"cost_sum": pd.Series({"cpu_s": time.process_time() - cpu0}),
+            "workers_max": pd.Series({"peak_rss_mib": _peak_rss_mib()})}
+    return {**merge_summaries(out, length_summary(texts)), **cost}
 
 
 def _peak_rss_mib() -> float:

@@ -62,15 +62,19 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - t0
     reports = int(sum(v for k, v in total["reports_sum"].items() if k[1] == "reports"))
     workers_rss = float(total["workers_max"]["peak_rss_mib"])  # measured in each worker, merged by maximum
+    cpu_s = float(total["cost_sum"]["cpu_s"])  # CPU seconds of the chunk jobs: what other load does not inflate
     tables = scale.summary_tables(total)
     figures = {"studies": int(total["studies_sum"]["studies"]), "reports": reports, "seconds": round(seconds, 1),
                "studies_per_s": round(total["studies_sum"]["studies"] / seconds, 1),
-               "reports_per_s": round(reports / seconds, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
+               "reports_per_s": round(reports / seconds, 1), "cpu_s": round(cpu_s, 1),
+               "cpu_ms_per_study": round(1000 * cpu_s / total["studies_sum"]["studies"], 3),
+               "peak_rss_mib": round(peak_rss_mib(), 1),
                "peak_rss_mib_at_start": round(start_rss, 1), "peak_rss_mib_workers": round(workers_rss, 1),
                "trace": trace}
     print(f"{figures['studies']} studies, {reports} reports in {seconds:.1f} s: {figures['studies_per_s']} "
-          f"studies/s, {figures['reports_per_s']} reports/s; peak RSS {figures['peak_rss_mib']:.0f} MiB (this "
-          f"process, {start_rss:.0f} MiB at start), {workers_rss:.0f} MiB (largest worker process)")
+          f"studies/s, {figures['reports_per_s']} reports/s; {figures['cpu_ms_per_study']} CPU-ms per study")
+    print(f"peak RSS {figures['peak_rss_mib']:.0f} MiB (this process, {start_rss:.0f} MiB at start), "
+          f"{workers_rss:.0f} MiB (largest worker process)")
     for name, table in tables.items():
         print(f"\n{name}\n{table.head(12).to_string()}")
     if args.out:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 
 import pandas as pd
+import pytest
 
 from lib import reports, scale
 
@@ -38,9 +39,10 @@ def test_summary_counts_match_labelling_the_whole_cohort_at_once():
         pd.testing.assert_series_equal(summary[key].sort_index(), whole[key].sort_index(), check_names=False)
 
 
+@pytest.mark.slow
 def test_process_pool_gives_the_same_summary_as_one_process():
-    one = scale.stream_summary(120, chunk=40, workers=1, progress=False)
-    two = scale.stream_summary(120, chunk=40, workers=2, progress=False)
+    one = scale.stream_summary(60, chunk=20, workers=1, progress=False)
+    two = scale.stream_summary(60, chunk=20, workers=2, progress=False)
     for name, table in _tables(one).items():
         pd.testing.assert_frame_equal(table, _tables(two)[name])
 
@@ -54,10 +56,11 @@ def _peak_traced(n: int, chunk: int) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_studies():
     scale.stream_summary(50, chunk=50, workers=1, progress=False)  # imports, vocabularies, caches first
-    small = _peak_traced(150, chunk=75)
-    large = _peak_traced(600, chunk=75)  # 4x the studies: a whole-cohort table would need about 4x the memory
-    assert large < 1.3 * small + (1 << 20), f"peak traced memory {small / 2**20:.1f} MiB for 150 studies, " \
-                                            f"{large / 2**20:.1f} MiB for 600"
+    small = _peak_traced(100, chunk=50)
+    large = _peak_traced(400, chunk=50)  # 4x the studies: a whole-cohort table would need about 4x the memory
+    assert large < 1.3 * small + (1 << 20), f"peak traced memory {small / 2**20:.1f} MiB for 100 studies, " \
+                                            f"{large / 2**20:.1f} MiB for 400"
     assert large < 64 << 20
