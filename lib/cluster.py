@@ -1,4 +1,4 @@
-"""Per-case work on this machine's process pool or on a Dask cluster, through one interface.
+"""Per-case work on the local process pool or on a Dask cluster, through one interface.
 
 Why: a cohort of a few hundred studies crops in minutes on one machine; hundreds of thousands need many
 machines. The stages keep one loop over cases and hand each case to :func:`imap`, which runs it where

@@ -9,8 +9,8 @@ before timing so every run starts from a warm page cache. Scaling efficiency = (
 (n x cases/s with 1 worker), from the best of ``--repeat`` interleaved rounds. Also measured: the workers'
 peak resident memory and CPU seconds (``getrusage`` in each worker), input and output bytes per case: the
 per-case figures ``docs/scale.md`` extrapolates from. Figures and the machine's load are written to ``--out``
-(JSON); on a shared machine other jobs lower both throughput and efficiency, so the load averages are
-recorded beside them.
+(a results source, ``lib.results``); on a shared machine other jobs lower both throughput and efficiency, so
+the load averages are recorded beside them.
 """
 
 from __future__ import annotations
@@ -52,6 +52,45 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    """Short hash of the checked-out commit (results sources name the code that produced them)."""
+    import subprocess
+
+    probe = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=False,
+                           cwd=config.ROOT)
+    return probe.stdout.strip() or "unknown"
+
+
+def results_source(raw: dict, commit: str, date: str) -> dict:
+    """A ``docs/results/*.json`` source (schema: :mod:`lib.results`) from this benchmark's measurements."""
+    best = {r["workers"]: r for r in raw["best"]}
+    m, pc = raw["machine"], raw["per_case"]
+    figures = []
+    for n, r in best.items():
+        figures += [{"name": f"{n} worker(s): throughput (best of {raw['repeat']})", "value": r["cases_per_s"],
+                     "unit": "cases/s"},
+                    {"name": f"{n} worker(s): worker CPU per case", "value": r["cpu_s_per_case"], "unit": "s"}]
+        if n > 1 and r.get("scaling_efficiency") is not None:
+            figures.append({"name": f"{n} workers: scaling efficiency (wall clock)", "value": r["scaling_efficiency"]})
+    figures += [{"name": "input per case (.nii.gz CT + masks)", "value": pc["input_bytes"], "unit": "bytes"},
+                {"name": "output per case (npz samples + manifest)", "value": pc["output_bytes"], "unit": "bytes"},
+                {"name": "worker peak resident memory", "value": pc["worker_peak_rss_mib"], "unit": "MiB"}]
+    rows = [[r["workers"], r["cases"], r["seconds"], r["cases_per_s"], r["cpu_s_per_case"], r["cluster_startup_s"],
+             r["worker_peak_rss_mib"], f"{r['loadavg_1min_before_after'][0]} / {r['loadavg_1min_before_after'][1]}"]
+            for r in raw["rounds"]]
+    return {"title": f"Crop stage on a Dask LocalCluster, {raw['profile']} cohort ({raw['mode']}, "
+                     f"{len(raw['structures'])} structures)",
+            "command": raw["command"], "commit": commit, "date": date,
+            "machine": f"{m['cpus']} CPU cores ({m['cpu_model']}), no GPU, shared with other jobs",
+            "notes": ["Cluster start-up is not in the timed span. Other processes shared the cores (1-minute load "
+                      "in the table), so wall-clock throughput and efficiency are pessimistic; worker CPU seconds per "
+                      "case are what other load hardly changes."],
+            "figures": figures,
+            "tables": [{"title": "every round (interleaved)", "columns": [
+                "workers", "cases", "wall s", "cases/s", "worker CPU s per case", "cluster start s",
+                "worker peak RSS MiB", "load 1 min before / after"], "rows": rows}]}
 
 
 def _tree_bytes(root: Path) -> int:
@@ -134,11 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
               "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
                           "platform": platform.platform(),
-                          "shared": "other jobs ran on the same cores; see loadavg per run"},
+                          "shared": "other processes shared the cores; see the 1-minute load per run"},
               "profile": args.profile, "mode": args.mode, "structures": structures, "per_case": per_case,
               "repeat": args.repeat, "best": runs, "rounds": rounds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    source = results_source(result, git_commit(), time.strftime("%Y-%m-%d", time.gmtime()))
+    args.out.write_text(json.dumps(source, indent=1) + "\n")
     print(f"wrote {args.out}")
     return result
 

@@ -6,7 +6,7 @@ Studies and their reports are generated on the fly in chunks (``lib.scale``: ``l
 ``lib.synth_text`` reports), labelled with ``lib.reports`` and reduced to counts on the worker; nothing is
 written and no table of the whole cohort exists. Prints throughput (studies/s, reports/s) and the peak
 resident memory (``resource.getrusage``) of this process as the run advances and of the largest worker
-process, then the summary tables. ``--out`` writes the figures as JSON.
+process, then the summary tables. ``--out`` writes the figures as a results source (``lib.results``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,44 @@ from lib import cluster, config, scale
 def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
     """Peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(who).ru_maxrss / 1024
+
+
+def results_source(raw: dict, commit: str, date: str) -> dict:
+    """A ``docs/results/*.json`` source (schema: :mod:`lib.results`) from this benchmark's measurements."""
+    f, m = raw["figures"], raw["machine"]
+    figures = [{"name": "studies (one report each)", "value": f["studies"]},
+               {"name": "throughput", "value": f["studies_per_s"], "unit": "studies/s"},
+               {"name": "CPU per study (generation, labelling, statistics)", "value": f["cpu_ms_per_study"],
+                "unit": "ms"},
+               {"name": "peak resident memory of this process at start", "value": f["peak_rss_mib_at_start"],
+                "unit": "MiB"},
+               {"name": "peak resident memory of this process at the end", "value": f["peak_rss_mib"], "unit": "MiB"},
+               {"name": "peak resident memory of the largest worker", "value": f["peak_rss_mib_workers"],
+                "unit": "MiB"}]
+    trace = [[t["studies"], t["seconds"], t["peak_rss_mib"]] for t in f["trace"]]
+    labels = [[r["lang"], r["label"], *(r.get(v, 0.0) for v in ("positive", "uncertain", "negative", "blank"))]
+              for r in raw["label_fractions"]]
+    return {"title": f"Report labels and cohort statistics of {f['studies']:,} synthetic studies in chunks",
+            "command": raw["command"], "commit": commit, "date": date,
+            "machine": f"{m['cpus']} CPU cores, no GPU, shared with other jobs (1-minute load {m['loadavg_1min_end']} "
+                       f"at the end)",
+            "notes": [f"Chunks of {raw['chunk']} studies, languages {', '.join(raw['langs'])}, generated, labelled and "
+                      f"summarised on the worker; nothing is written and no whole-cohort table exists. Wall-clock "
+                      f"throughput depends on the other jobs; CPU per study does not."],
+            "figures": figures,
+            "tables": [{"title": "peak resident memory as the run advances", "columns": [
+                "studies", "seconds", "peak RSS MiB"], "rows": trace},
+                {"title": "label fractions", "columns": ["lang", "label", "positive", "uncertain", "negative", "blank"],
+                 "rows": labels}]}
+
+
+def git_commit() -> str:
+    """Short hash of the checked-out commit (results sources name the code that produced them)."""
+    import subprocess
+
+    probe = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=False,
+                           cwd=config.ROOT)
+    return probe.stdout.strip() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,12 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                               "platform": platform.platform(), "loadavg_1min_end": round(os.getloadavg()[0], 2),
-                              "shared": "other jobs ran on the same cores"},
+                              "shared": "other processes shared the cores"},
                   "chunk": args.chunk, "langs": args.langs, "workers": args.workers, "scheduler": args.scheduler,
                   "figures": figures, "label_fractions": json.loads(tables["labels"].reset_index().to_json(
                       orient="records"))}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        source = results_source(result, git_commit(), time.strftime("%Y-%m-%d", time.gmtime()))
+        args.out.write_text(json.dumps(source, indent=1) + "\n")
         print(f"wrote {args.out}")
     return figures
 
