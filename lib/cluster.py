@@ -209,7 +209,7 @@ def imap(fn: Callable, jobs: Iterable[tuple], *, scheduler: str | None = None, w
             yield item
 
 
-def run(fn: Callable, jobs: Sequence[tuple], **kwargs: Any) -> list[Any]:
+def run_all(fn: Callable, jobs: Sequence[tuple], **kwargs: Any) -> list[Any]:
     """``[fn(*job) for job in jobs]`` on the chosen scheduler (keyword arguments as :func:`imap`)."""
     out: list[Any] = [None] * len(jobs)
     for i, result in imap(fn, jobs, **kwargs):
@@ -239,7 +239,7 @@ def label_texts(texts: Sequence, vocabulary: str | Path, lang: str = "en", ids: 
     if len(ids) != len(texts):
         raise ValueError(f"label_texts: {len(texts)} texts but {len(ids)} ids")
     jobs = [(texts[a:a + chunk], str(vocabulary), lang, ids[a:a + chunk]) for a in range(0, len(texts), chunk)]
-    parts = run(_label_chunk, jobs or [([], str(vocabulary), lang, [])], scheduler=scheduler, workers=workers,
+    parts = run_all(_label_chunk, jobs or [([], str(vocabulary), lang, [])], scheduler=scheduler, workers=workers,
                 desc="labels", progress=progress)
     return merge_label_parts(parts)
 

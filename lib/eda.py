@@ -79,7 +79,7 @@ def case_statistics(ds: CTDataset, structures: list[str] | None = None, hu_sampl
             .to_dict("records")]
     skipped = SkippedCases()
     case_rows, organ_rows = [], []
-    for case_row, rows, skips in cluster.run(case_stats, jobs, scheduler=scheduler, workers=workers, desc="EDA",
+    for case_row, rows, skips in cluster.run_all(case_stats, jobs, scheduler=scheduler, workers=workers, desc="EDA",
                                              preload=("lib.eda",)):
         skipped.rows.extend(skips)
         if case_row is not None:

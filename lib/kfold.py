@@ -722,7 +722,7 @@ def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases,
     else:
         items = [str(p) for p in ([source] if source.is_file() else sorted(
             p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in splits.IMAGE_SUFFIXES))]
-    decoded = cluster.run(decode_input, [(str(source), item, spec) for item in items], scheduler=scheduler,
+    decoded = cluster.run_all(decode_input, [(str(source), item, spec) for item in items], scheduler=scheduler,
                           workers=None if scheduler else 1, desc="decode", progress=False)
     kept, xs = [], []
     for item, (x, skips) in zip(items, decoded, strict=True):

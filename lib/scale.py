@@ -27,7 +27,7 @@ from lib.synth_text import report_text
 CHUNK = 1000
 #: Report length histogram: bins of this many characters.
 LENGTH_BIN = 50
-LABEL_VALUES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
+VALUE_NAMES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
 _LESION_COLUMNS = ["study_id", "lesion_id", "organ", "finding", "centre_mm", "diameter_mm", "voxels"]
 
 
@@ -111,7 +111,7 @@ def label_summary_counts(labels: pd.DataFrame, evidence: pd.DataFrame, lang: str
     """Reports per (lang, label, value) with value positive/negative/uncertain/blank, and mentions per assertion."""
     counts = {}
     for col in labels.columns:
-        values = labels[col].map(LABEL_VALUES).fillna("blank").value_counts()
+        values = labels[col].map(VALUE_NAMES).fillna("blank").value_counts()
         for value, n in values.items():
             counts[(lang, col, value)] = n
     assertions = evidence.groupby("assertion").size() if len(evidence) else pd.Series(dtype=float)

@@ -50,7 +50,8 @@ def test_check_scheduler_accepts_the_three_forms_and_names_a_bad_one(tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_run_keeps_input_order_and_window_bounds_a_generator(workers):
-    assert cluster.run(_square, [(i,) for i in range(9)], workers=workers, progress=False) == [i * i for i in range(9)]
+    squares = cluster.run_all(_square, [(i,) for i in range(9)], workers=workers, progress=False)
+    assert squares == [i * i for i in range(9)]
     jobs = ((i,) for i in range(7))  # a generator: read lazily, window at a time
     got = dict(cluster.imap(_square, jobs, workers=workers, total=7, window=2, progress=False))
     assert got == {i: i * i for i in range(7)}
@@ -58,7 +59,7 @@ def test_run_keeps_input_order_and_window_bounds_a_generator(workers):
 
 def test_a_failing_job_raises_its_own_error():
     with pytest.raises(RuntimeError, match="case 3 is broken"):
-        cluster.run(_fail_on_three, [(i,) for i in range(5)], workers=2, progress=False)
+        cluster.run_all(_fail_on_three, [(i,) for i in range(5)], workers=2, progress=False)
 
 
 def test_label_texts_in_chunks_equals_one_call(smoke_cohort):
@@ -72,6 +73,18 @@ def test_label_texts_in_chunks_equals_one_call(smoke_cohort):
     assert got_labels.to_csv() == labels.to_csv() and got_evidence.to_csv() == evidence.to_csv()
     assert got_labels.attrs["unusable"] == labels.attrs["unusable"]
     assert sorted(skipped.to_frame().case) == ["empty", "none", "number"]
+
+
+def test_eda_statistics_are_the_same_in_process_and_in_a_pool(smoke_cohort):
+    from lib import eda
+
+    ds = eda.open_dataset(str(smoke_cohort))
+    one = eda.case_statistics(ds, ["liver", "spleen"], workers=1)
+    two = eda.case_statistics(ds, ["liver", "spleen"], workers=2)
+    pd.testing.assert_frame_equal(one[0], two[0])
+    pd.testing.assert_frame_equal(one[1].drop(columns="hu_sample"), two[1].drop(columns="hu_sample"))
+    assert all((a == b).all() for a, b in zip(one[1].hu_sample, two[1].hu_sample, strict=True))
+    assert len(one[0]) == len(ds.cases) and one[2].rows == two[2].rows
 
 
 def _free_port() -> int:
