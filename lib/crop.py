@@ -43,7 +43,6 @@ import json
 import os
 import zipfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,9 +51,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from tqdm.auto import tqdm
 
-from lib import config, resources
+from lib import cluster, config
 from lib.imageio import WINDOWS, apply_window, resolve_window  # one windowing for crops, training, serving
 from lib.io import DataError, SkippedCases, check_same_grid, load_nifti
 
@@ -980,15 +978,15 @@ def run_case(case: dict, structures: Sequence[str], out_dir: str, params: CropPa
 
 def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | Path, mode: str = "bbox", *,
                 name: str | None = None, workers: int | None = None, force: bool = False, progress: bool = True,
-                **params: object) -> tuple[pd.DataFrame, pd.DataFrame]:
+                scheduler: str | None = None, **params: object) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Crop ``structures`` of every case into ``out_dir/<name>/`` and update ``out_dir/index.csv``.
 
     ``params`` are :class:`CropParams` fields (margin_mm, size, fit, spacing, window, fmt, k, ...).
     ``name`` (sub-folder) defaults to the mode for npz samples and ``<mode>3d`` for NIfTI crops.
     Cases whose inputs and parameters did not change are read from the manifest, not recomputed.
     Runs in-process for ``workers=1`` and in a process pool otherwise (default: one worker per core granted,
-    ``lib.resources.workers``). Returns (index, skipped); the
-    index has one row per written crop (this call's rows), and ``out_dir/index.csv`` keeps other
+    ``lib.resources.workers``), or on a Dask cluster with ``scheduler`` (``lib.cluster``). Returns (index,
+    skipped); the index has one row per written crop (this call's rows), and ``out_dir/index.csv`` keeps other
     sub-folders' rows. ``skipped`` starts with what :func:`discover_cases` left out of ``cases``
     (``cases.attrs["skipped"]``), so a notebook shows every unusable file in one table.
     """
@@ -1000,26 +998,12 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
     rows: list[dict] = []
     skips: list[dict] = [dict(r) for r in cases.attrs.get("skipped", [])]
     computed = 0
-    bar = tqdm(total=len(records), desc=f"crop {name}", disable=not progress, leave=False)
-    workers = resources.workers(limit=len(records)) if workers is None else workers
-    if workers <= 1 or len(records) <= 1:
-        for rec in records:
-            r, s, c = run_case(rec, list(structures), str(out), p, name, force)
-            rows += r
-            skips += s
-            computed += c
-            bar.update()
-    else:
-        ctx = resources.pool_context("lib.crop")  # workers start in milliseconds
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futs = [pool.submit(run_case, rec, list(structures), str(out), p, name, force) for rec in records]
-            for fut in as_completed(futs):
-                r, s, c = fut.result()
-                rows += r
-                skips += s
-                computed += c
-                bar.update()
-    bar.close()
+    jobs = [(rec, list(structures), str(out), p, name, force) for rec in records]
+    for _, (r, s, c) in cluster.imap(run_case, jobs, scheduler=scheduler, workers=workers, desc=f"crop {name}",
+                                     progress=progress, preload=("lib.crop",)):
+        rows += r
+        skips += s
+        computed += c
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS).sort_values(["structure", "case_id"], ignore_index=True)
     skipped = pd.DataFrame(skips, columns=["case", "stage", "file", "reason"]).sort_values(
         ["case", "reason"], ignore_index=True)

@@ -6,6 +6,7 @@ case table, so the notebook changes only its ``dataset`` parameter.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from tqdm.auto import tqdm
 
-from lib import config, synth
+from lib import cluster, config, synth
 from lib.crop import load_class_map
 from lib.io import DataError, SkippedCases, load_case, voxel_volume_ml
 from lib.reports import read_labels
@@ -63,42 +63,61 @@ def _folder_dataset(root: Path, name: str) -> CTDataset:
     return CTDataset(name, root, cases, load_class_map(root / "class_map.json"), reports, truth)
 
 
-def case_statistics(ds: CTDataset, structures: list[str] | None = None,
-                    hu_sample: int = 4000, seed: int = config.DEFAULT_SEED) -> tuple[pd.DataFrame, pd.DataFrame,
-                                                                                         SkippedCases]:
+def case_statistics(ds: CTDataset, structures: list[str] | None = None, hu_sample: int = 4000,
+                    seed: int = config.DEFAULT_SEED, scheduler: str | None = None,
+                    workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, SkippedCases]:
     """Per case geometry and per case×structure volume/HU; also a HU sample per structure for histograms.
 
-    Returns (cases, structures_long, skipped). Bad cases are skipped and recorded, not fatal.
+    Returns (cases, structures_long, skipped). Bad cases are skipped and recorded, not fatal. Cases run on
+    ``scheduler`` (``lib.cluster``: None is this machine's process pool of ``workers``, 1 runs in-process);
+    each case draws its HU sample from its own stream, so the tables are the same wherever cases run.
     """
-    rng = np.random.default_rng(seed)
     wanted = structures or sorted(set(ds.class_map.values()))
     index = {v: k for k, v in ds.class_map.items()}
+    labels = {name: index[name] for name in wanted if name in index}
+    jobs = [(case, labels, hu_sample, seed) for case in ds.cases[["case_id", "patient_id", "image", "mask"]]
+            .to_dict("records")]
     skipped = SkippedCases()
     case_rows, organ_rows = [], []
-    for case in tqdm(ds.cases.itertuples(), total=len(ds.cases), desc="EDA", leave=False):
-        try:
-            img, seg = load_case(case.image, case.mask)
-        except DataError as exc:
-            skipped.add(case.case_id, exc, stage="eda")
-            continue
-        hu = np.asarray(img.dataobj, dtype=np.float32)
-        lab = np.asarray(seg.dataobj).astype(np.int32)
-        zooms = nib.affines.voxel_sizes(img.affine)
-        case_rows.append({"case_id": case.case_id, "patient_id": case.patient_id, "nx": hu.shape[0],
-                          "ny": hu.shape[1], "slices": hu.shape[2], "spacing_xy_mm": float(zooms[0]),
-                          "spacing_z_mm": float(zooms[2]), "hu_min": float(hu.min()), "hu_max": float(hu.max())})
-        vox_ml = voxel_volume_ml(img)
-        for name in wanted:
-            if name not in index:
-                continue
-            m = lab == index[name]
-            n = int(m.sum())
-            vals = hu[m]
-            sample = rng.choice(vals, size=min(hu_sample, n), replace=False) if n else np.empty(0)
-            organ_rows.append({"case_id": case.case_id, "structure": name, "voxels": n,
-                               "volume_ml": n * vox_ml, "hu_mean": float(vals.mean()) if n else np.nan,
-                               "hu_std": float(vals.std()) if n else np.nan, "hu_sample": sample})
+    for case_row, rows, skips in cluster.run_all(case_stats, jobs, scheduler=scheduler, workers=workers, desc="EDA",
+                                             preload=("lib.eda",)):
+        skipped.rows.extend(skips)
+        if case_row is not None:
+            case_rows.append(case_row)
+            organ_rows.extend(rows)
     return pd.DataFrame(case_rows), pd.DataFrame(organ_rows), skipped
+
+
+def case_stats(case: dict, labels: dict[str, int], hu_sample: int, seed: int
+               ) -> tuple[dict | None, list[dict], list[dict]]:
+    """One case's geometry row, its rows per structure (``labels``: name -> label value) and its skip rows.
+
+    The HU sample comes from a stream of (seed, case id): the same values whichever process runs the case.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(str(case["case_id"]).encode())])
+    skipped = SkippedCases()
+    try:
+        img, seg = load_case(case["image"], case["mask"])
+    except DataError as exc:
+        skipped.add(case["case_id"], exc, stage="eda")
+        return None, [], skipped.rows
+    hu = np.asarray(img.dataobj, dtype=np.float32)
+    lab = np.asarray(seg.dataobj).astype(np.int32)
+    zooms = nib.affines.voxel_sizes(img.affine)
+    case_row = {"case_id": case["case_id"], "patient_id": case["patient_id"], "nx": hu.shape[0],
+                "ny": hu.shape[1], "slices": hu.shape[2], "spacing_xy_mm": float(zooms[0]),
+                "spacing_z_mm": float(zooms[2]), "hu_min": float(hu.min()), "hu_max": float(hu.max())}
+    vox_ml = voxel_volume_ml(img)
+    organ_rows = []
+    for name, value in labels.items():
+        m = lab == value
+        n = int(m.sum())
+        vals = hu[m]
+        sample = rng.choice(vals, size=min(hu_sample, n), replace=False) if n else np.empty(0)
+        organ_rows.append({"case_id": case["case_id"], "structure": name, "voxels": n,
+                           "volume_ml": n * vox_ml, "hu_mean": float(vals.mean()) if n else np.nan,
+                           "hu_std": float(vals.std()) if n else np.nan, "hu_sample": sample})
+    return case_row, organ_rows, skipped.rows
 
 
 def hu_long(organs: pd.DataFrame) -> pd.DataFrame:

@@ -702,10 +702,13 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
 # ----------------------------------------------------------------------------- predict / merge
 
 
-def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[pd.DataFrame, np.ndarray]:
-    """Network inputs for a folder of images, a crops folder (with ``index.csv``) or a single file."""
-    from lib import imageio
-    from lib.datasets import crop_to_input, read_crop
+def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases,
+                scheduler: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Network inputs for a folder of images, a crops folder (with ``index.csv``) or a single file.
+
+    Inputs decode in this process, or on a Dask cluster with ``scheduler`` (``lib.cluster``).
+    """
+    from lib import cluster
 
     source = Path(source)
     if spec.get("source") == "crops" or (source / "index.csv").exists():
@@ -715,30 +718,41 @@ def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[
         for col in ("organ", "crop_mode"):  # only the crops the model was trained on (organ, bbox/seg/25d)
             if spec.get(col) and col.removeprefix("crop_") in index:
                 index = index[index[col.removeprefix("crop_")] == spec[col]]
-        rows, xs = [], []
-        for r in index.to_dict("records"):
-            try:
-                image, mask = read_crop(source / r["path"])
-                xs.append(crop_to_input(image, mask, spec.get("kind", "slab"), int(spec.get("n_slices", 8)),
-                                        int(spec.get("size", 64)), spec.get("mask_mode", "none")))
-                rows.append(r)
-            except DataError as exc:
-                skipped.add(str(r.get("case_id", r["path"])), exc, stage="predict")
-        table = pd.DataFrame(rows)
+        items: list = index.to_dict("records")
     else:
-        files = [source] if source.is_file() else sorted(
-            p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in splits.IMAGE_SUFFIXES)
-        kept, xs = [], []
-        for p in files:
-            try:
-                xs.append(imageio.load_input(p, spec))
-                kept.append(str(p))
-            except DataError as exc:
-                skipped.add(p.name, exc, stage="predict")
-        table = pd.DataFrame({"path": kept})
+        items = [str(p) for p in ([source] if source.is_file() else sorted(
+            p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in splits.IMAGE_SUFFIXES))]
+    decoded = cluster.run_all(decode_input, [(str(source), item, spec) for item in items], scheduler=scheduler,
+                          workers=None if scheduler else 1, desc="decode", progress=False)
+    kept, xs = [], []
+    for item, (x, skips) in zip(items, decoded, strict=True):
+        skipped.rows.extend(skips)
+        if x is not None:
+            kept.append(item)
+            xs.append(x)
+    table = pd.DataFrame(kept) if items and isinstance(items[0], dict) else pd.DataFrame({"path": kept})
     if not xs:
         raise DataError(source, f"no usable inputs to predict ({len(skipped)} skipped)")
     return table.reset_index(drop=True), np.stack(xs)
+
+
+def decode_input(source: str, item: dict | str, spec: dict) -> tuple[np.ndarray | None, list[dict]]:
+    """One input's network array (a crop index row under ``source``, or an image path), or None and the
+    skip row naming the file and the problem: a worker's job for :func:`predict`."""
+    from lib import imageio
+    from lib.datasets import crop_to_input, read_crop
+
+    try:
+        if isinstance(item, dict):
+            image, mask = read_crop(Path(source) / item["path"])
+            return crop_to_input(image, mask, spec.get("kind", "slab"), int(spec.get("n_slices", 8)),
+                                 int(spec.get("size", 64)), spec.get("mask_mode", "none")), []
+        return imageio.load_input(Path(item), spec), []
+    except DataError as exc:
+        skipped = SkippedCases()
+        name = str(item.get("case_id", item["path"])) if isinstance(item, dict) else Path(item).name
+        skipped.add(name, exc, stage="predict")
+        return None, skipped.rows
 
 
 _PREDICT_CACHE: dict[str, object] = {}  # the last decoded inputs and their per-checkpoint probabilities
@@ -749,7 +763,8 @@ def _file_key(path: Path) -> list:
     return [str(path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0]
 
 
-def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[pd.DataFrame, np.ndarray, str]:
+def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases,
+                   scheduler: str | None = None) -> tuple[pd.DataFrame, np.ndarray, str]:
     """``_inputs_for`` decoded once per folder content and recipe: predicting with each fold model and with
     their ensemble (notebook 04's predict / merge check) reads the crops once, not once per call."""
     import hashlib
@@ -761,7 +776,7 @@ def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases) -> tup
     key = json.dumps([listing, spec], default=str, sort_keys=True)
     if _PREDICT_CACHE.get("key") != key:
         fresh = SkippedCases()
-        table, x = _inputs_for(source, spec, fresh)
+        table, x = _inputs_for(source, spec, fresh, scheduler)
         _PREDICT_CACHE.clear()
         _PREDICT_CACHE.update(key=key, table=table, x=x, skipped=fresh.rows, probs={})
     skipped.rows.extend(_PREDICT_CACHE["skipped"])
@@ -781,12 +796,14 @@ def _cached_probs(ckpt: str | Path, x: np.ndarray, key: str, task: str, device: 
 
 
 def predict(checkpoints: Sequence[str | Path], source: str | Path, out_csv: str | Path | None = None,
-            how: str = "mean", threshold: float = 0.5, device: str = "auto") -> pd.DataFrame:
+            how: str = "mean", threshold: float = 0.5, device: str = "auto", scheduler: str | None = None
+            ) -> pd.DataFrame:
     """Predictions CSV for a folder of images or crops with one model or a fold ensemble (``mean`` | ``mode``).
 
     Columns: ids (``path`` or crop index columns), ``prob_<label>`` (mean over models), ``pred`` (argmax /
     threshold, or the majority vote with ``how='mode'``), ``n_models``. Unreadable inputs are listed in
-    ``skipped_predict.csv`` beside the output.
+    ``skipped_predict.csv`` beside the output. ``scheduler``: decode the inputs on a Dask cluster
+    (``lib.cluster``); the models run in this process.
     """
     if how not in ("mean", "mode"):
         raise ValueError(f"how must be mean|mode, got {how!r}")
@@ -795,7 +812,7 @@ def predict(checkpoints: Sequence[str | Path], source: str | Path, out_csv: str 
     dev = config.device(device)
     meta = models.load_checkpoint(checkpoints[0], dev)[1]
     skipped = SkippedCases()
-    table, x, key = _cached_inputs(source, meta.get("preprocessing", {}), skipped)
+    table, x, key = _cached_inputs(source, meta.get("preprocessing", {}), skipped, scheduler)
     probs = [_cached_probs(c, x, key, meta["task"], dev) for c in checkpoints]
     names = list(meta.get("label_names") or [f"class{i}" for i in range(meta["num_classes"])])
     mean = metrics.ensemble_mean(probs)

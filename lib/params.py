@@ -31,17 +31,18 @@ _COMMON: dict[str, Any] = {"profile": str, "seed": int, "run_dir": PathLike | No
 #: Declared type of each parameter, per notebook stem; names and defaults live in the notebook's parameters cell.
 TYPES: dict[str, dict[str, Any]] = {
     "00_eda": {
-        **_COMMON, "dataset": PathLike, "structures": list[str], "min_cases": int,
+        **_COMMON, "dataset": PathLike, "structures": list[str], "min_cases": int, "scheduler": str | None,
     },
     "01_labels_from_reports": {
         **_COMMON, "cohort": PathLike | None, "lang": str, "vocabulary": PathLike, "compare_langs": list[str],
         "uncertain_as": int, "f1_floor": float, "precision_floor": float, "max_missed": float, "n_examples": int,
+        "scheduler": str | None,
     },
     "02_crop_organs": {
         **_COMMON, "dataset": PathLike, "image_glob": str, "structures": list[str], "modes": list[str],
         "margin_mm": float, "window": str | list[float], "size": list[int], "fit": str, "k": int,
         "spacing": list[float] | None, "workers": int | None, "verify_cases": int, "n_gallery": int,
-        "dicom_dir": PathLike | None,
+        "dicom_dir": PathLike | None, "scheduler": str | None,
     },
     "03_train": {
         **_COMMON, "dataset": PathLike, "data_root": PathLike | None, "label_source": str, "lang": str,
