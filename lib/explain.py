@@ -834,7 +834,7 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
     code), labels are the cohort's ground truth (not the report labels), and every case gets the
     ensemble probability and its outcome (TP/FP/FN/TN at ``threshold``).
     """
-    from lib import datasets, synth
+    from lib import datasets
 
     prep = dict(meta.get("preprocessing") or {})
     crops_dir = Path(crops_dir) if crops_dir else Path(run_dir) / "crops"
@@ -842,7 +842,7 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
         from lib import crop
 
         crop.ensure_crops(run_dir, profile, seed)
-    truth = datasets.load_labels("truth", cohort_dir=synth.ensure_cohort(profile, seed))
+    truth = datasets.load_labels("truth", cohort_dir=datasets.locate("synthetic-ct", profile, seed)[1])
     cols = prep.get("label_cols") or list(meta.get("label_names") or [])
     cols = cols if isinstance(cols, str) else list(cols)  # a "{organ}_abnormal" template stays a string
     ds = datasets.crop_dataset(crops_dir, truth, cols, organ=prep.get("organ"), task=meta["task"],
@@ -974,7 +974,7 @@ def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: p
     """Ensemble scores per method, gains over the random map (with bootstrap intervals when the per-case
     ``table`` is given) and the final randomisation correlations as JSON, so ``lib.pipeline.merge_metrics`` puts
     stage 05 in the run's ``metrics.json`` beside the other stages."""
-    import json
+    from lib.io import write_json
 
     ens = summary[summary["fold"].astype(str) == "ensemble"].set_index("method")
     cols = ["n", "n_localised", "pointing", "energy_inside", "deletion_auc", "n_predicted", "deletion_auc_predicted",
@@ -988,7 +988,7 @@ def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: p
     if randomisation is not None and len(randomisation):
         for col in ("spearman", "spearman_support"):  # mean |Spearman| after full randomisation
             out[f"randomised_abs_{col}"] = {m: _num(v) for m, v in randomised_correlation(randomisation, col).items()}
-    Path(path).write_text(json.dumps(out, indent=1))
+    write_json(path, out)
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lib.io import DataError
+from lib.io import DataError, write_json
 
 OPSET = 17
 PARITY_TOL = 1e-4
@@ -133,21 +133,6 @@ def parity(model: nn.Module, onnx_path: str | Path, x: np.ndarray) -> float:
     return float(np.abs(out - ref).max())
 
 
-def _json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(obj, indent=2, default=_to_plain) + "\n")
-    return path
-
-
-def _to_plain(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray | tuple):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
 def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: str | Path,
                  sample: str | Path | None = None, parity_inputs: np.ndarray | None = None,
                  run_id: str = "", metrics: dict | None = None, tol: float = PARITY_TOL,
@@ -201,8 +186,8 @@ def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: s
         "onnx": {"opset": OPSET, "file": onnx_path.name, "bytes": onnx_path.stat().st_size},
         "sample": sample_info, **(extra or {}),
     }
-    _json(out_dir / "labels.json", {str(i): name for i, name in enumerate(labels)})
-    _json(out_dir / "metadata.json", metadata)
+    write_json(out_dir / "labels.json", {str(i): name for i, name in enumerate(labels)}, indent=2)
+    write_json(out_dir / "metadata.json", metadata, indent=2)
     return metadata
 
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lib import config, metrics, models, resources, splits, train
 from lib.datasets import CachedDataset
-from lib.io import DataError, SkippedCases
+from lib.io import DataError, SkippedCases, to_jsonable, write_json
 
 
 @dataclass
@@ -472,12 +472,16 @@ def metrics_table(summary: dict) -> pd.DataFrame:
     return table.apply(pd.to_numeric, errors="coerce")
 
 
-def predict_source(dataset: str, run_dir: str | Path) -> Path:
-    """The folder ``predict`` reads for a dataset: the run's crops, or the shared 2D image folder."""
-    if dataset == "synthetic-ct":
-        return Path(run_dir) / "crops"
-    folder = {"brain-mri": ("brain-mri-tumor",), "cxr-3class": ("cxr-covid-3class", "Covid19-dataset")}[dataset]
-    return config.shared_path(*folder)
+def predict_source(dataset: str | Path, run_dir: str | Path, profile: str = "smoke",
+                   seed: int = config.DEFAULT_SEED) -> Path:
+    """The folder ``predict`` reads for a dataset (any registered name or alias, or a folder/CSV): the run's
+    crops for crop-based sets, else the set's image folder."""
+    from lib import datasets
+
+    found = datasets.lookup(dataset, "04_kfold")
+    if isinstance(found, Path):
+        return found
+    return Path(run_dir) / "crops" if found.inputs == "crops" else found.locate(profile, seed)
 
 
 # ----------------------------------------------------------------------------- stage entry point (notebooks 04, 05, 07)
@@ -514,9 +518,7 @@ def stage_params(profile: str = "smoke", **overrides) -> dict:
 
 
 def _jsonable(params: dict) -> dict:
-    import json
-
-    return json.loads(json.dumps(params, default=str))
+    return to_jsonable(params)
 
 
 def is_complete(out_dir: str | Path, params: dict | None = None) -> bool:
@@ -613,7 +615,7 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
                   flush=True)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(new, indent=1))  # same parameters next time -> resume the folds
+    write_json(stored, new)  # same parameters next time -> resume the folds
     ds, group_col = build_stage_dataset(params, run_dir, profile, seed)
     eval_col = "truth" if "truth" in ds.table and ds.task == "binary" else None
     train_mask = None
@@ -641,7 +643,7 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
             if pool[0] is not None:
                 pool[0].shutdown()
         noise_summary(ds, train_mask, {"reports": result, "truth": truth_result}, noise_dir)
-        (noise_dir / PARAMS_FILE).write_text(json.dumps(new, indent=1))  # written last: the study is complete
+        write_json(noise_dir / PARAMS_FILE, new)  # written last: the study is complete
     figures(result, ds.task, ds.label_names, params["threshold"])
     return out
 
@@ -672,8 +674,11 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
 
     run_dir = config.resolve_run_dir(run_dir, profile)
     params = {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile}
-    if params["dataset"] != "synthetic-ct":
-        raise ValueError("the label-noise study needs the synthetic cohort (dataset='synthetic-ct'): it has the truth")
+    from lib import datasets
+
+    if not datasets.has_truth(params["dataset"]):
+        raise ValueError(f"the label-noise study needs a data set with a ground truth beside its report labels "
+                         f"(dataset='synthetic-ct'), got {params['dataset']!r}")
     main_dir = run_dir / "kfold" / name
     noise_dir = main_dir / "label_noise"
     table_path, pfile = noise_dir / "label_noise.csv", noise_dir / PARAMS_FILE
@@ -695,7 +700,7 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
         folds = pd.read_csv(main_dir / "folds.csv")["fold"].to_numpy()
     table, results = label_noise_study(ds_r, ds_t, noise_dir, cfg, folds=folds, reports_result=reports,
                                        **_run_kwargs(params, group_col))
-    pfile.write_text(json.dumps(_jsonable(params), indent=1))  # written last: marks the study complete
+    write_json(pfile, params)  # written last: marks the study complete
     return table, results
 
 

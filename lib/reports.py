@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from lib.io import DataError, SkippedCases
+from lib.io import DataError, SkippedCases, write_json
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 LANGS = ("en", "ja")
@@ -1222,10 +1222,9 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
         skipped.save(skip_path)
     elif skip_path.exists():
         skip_path.unlink()
-    meta_path.write_text(json.dumps({"key": key, "cohort": str(cohort_dir), "lang": lang,
-                                     "vocabulary": str(vocabulary), "n_reports": len(out),
-                                     "n_unusable": len(skipped), "encoding": df.attrs.get("encoding", "utf-8")},
-                                    indent=1))
+    write_json(meta_path, {"key": key, "cohort": str(cohort_dir), "lang": lang, "vocabulary": str(vocabulary),
+                           "n_reports": len(out), "n_unusable": len(skipped),
+                           "encoding": df.attrs.get("encoding", "utf-8")})
     return read_labels(labels_path)
 
 

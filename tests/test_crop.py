@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import crop
+from lib import config, crop
 from tests.conftest import shared
 
 # An oblique-free but awkward grid: x flipped, y/z swapped, anisotropic spacing, odd origin (not RAS).
@@ -432,7 +432,7 @@ def test_open_cases_verify_overlay_and_sizes(tmp_path, smoke_cohort, monkeypatch
     assert sizes.loc[("npz sample", cases.case_id[0], "liver")].z_mm == pytest.approx(nii.z_mm, rel=1e-3)
     # relative dataset paths resolve against the repository when run from notebooks/
     monkeypatch.chdir(crop.config.NOTEBOOKS)
-    assert crop.data_path("data/README.md") == (crop.config.ROOT / "data" / "README.md").resolve()
+    assert config.data_path("data/README.md") == (config.ROOT / "data" / "README.md").resolve()
 
 
 def test_ensure_crops_writes_the_stage_contract(tmp_path):
