@@ -722,13 +722,6 @@ def gallery(groups: dict[str, Sequence[CaseResult]], method: str = "gradcam", nc
 # ----------------------------------------------------------------------------- checkpoints and cases (notebook 05)
 
 
-def fold_checkpoints(run_dir: str | Path, name: str) -> list[Path]:
-    """``run_dir/kfold/<name>/fold<k>/best.pt`` in fold order (empty when stage 04 has not run)."""
-    root = Path(run_dir) / "kfold" / name
-    found = [p for p in root.glob("fold*/best.pt") if p.parent.name.removeprefix("fold").isdigit()]
-    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("fold")))
-
-
 def load_ensemble(paths: Sequence[str | Path], device: str = "cpu") -> tuple[list[nn.Module], dict]:
     """Fold models and their shared recipe; folds trained on different inputs or labels are an error."""
     from lib.io import DataError
@@ -930,42 +923,6 @@ def gain_intervals(table: pd.DataFrame, method: str = "gradcam", fold: str = "en
         means = w @ diff.to_numpy() / w.sum(1)
         out[key] = [float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2])]
     return out
-
-
-def find_checkpoints(run_dir: str | Path, kfold_name: str | None = None,
-                     checkpoints: Sequence[str | Path] | None = None, profile: str = "smoke",
-                     seed: int = 0, folds: Sequence[int] | None = None) -> tuple[list[Path], str]:
-    """Fold checkpoints to explain and the k-fold run's name.
-
-    Explicit ``checkpoints`` win; else ``run_dir/kfold/<kfold_name>/fold*/best.pt`` of a finished run (the
-    stage's default name, or the only/first finished one, when None). When stage 04 has not finished in
-    ``run_dir``, its idempotent entry point ``lib.kfold.ensure_kfold`` trains (or resumes) the folds with
-    notebook 04's parameters for ``profile``. A finished run is never retrained here, whatever its parameters.
-    ``folds`` keeps only those fold numbers (e.g. ``[0, 1]`` for a quick look at a 5-fold ensemble).
-    """
-    from lib import kfold
-    from lib.io import DataError
-
-    if checkpoints:
-        paths = [Path(p) for p in checkpoints]
-        return paths, kfold_name or paths[0].parent.parent.name
-    root = Path(run_dir) / "kfold"
-
-    def finished() -> list[str]:  # metrics.json is written after the last fold
-        return sorted(p.name for p in root.iterdir() if (p / "metrics.json").exists() and any(p.glob("fold*/best.pt"))
-                      ) if root.exists() else []
-
-    names = finished()
-    name = kfold_name or (kfold.STAGE_NAME if kfold.STAGE_NAME in names or not names else names[0])
-    if name not in names:
-        kfold.ensure_kfold(run_dir, profile, seed, name=name)
-    paths = fold_checkpoints(run_dir, name)
-    if folds is not None:
-        want = {int(k) for k in folds}
-        paths = [p for p in paths if int(p.parent.name.removeprefix("fold")) in want]
-    if not paths:
-        raise DataError(root / name, f"no fold checkpoints fold*/best.pt (folds {folds})")
-    return paths, name
 
 
 def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: pd.DataFrame | None = None,

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lib import config, metrics, models, resources, splits, train
 from lib.datasets import CachedDataset
-from lib.io import DataError, SkippedCases, to_jsonable, write_json
+from lib.io import DataError, SkippedCases, read_json, to_jsonable, write_json
 
 
 @dataclass
@@ -522,19 +522,60 @@ def _jsonable(params: dict) -> dict:
 
 
 def is_complete(out_dir: str | Path, params: dict | None = None) -> bool:
-    """True when ``out_dir`` holds a finished k-fold run (every fold's best.pt and metrics.json, written at the
-    end) and, when ``params`` is given, its ``params.json`` holds exactly these parameters."""
-    import json
-
+    """True when ``out_dir`` holds a finished k-fold run: its ``params.json``, every fold's best.pt and
+    ``metrics.json`` (written at the end); when ``params`` is given, ``params.json`` must hold exactly these
+    parameters. The one definition of a finished run (``find_run``, explanation and export use it)."""
     out_dir = Path(out_dir)
     pfile = out_dir / PARAMS_FILE
     if not pfile.exists() or not (out_dir / "metrics.json").exists():
         return False
-    stored = json.loads(pfile.read_text())
-    n = int(stored.get("n_splits", 0))
+    try:
+        stored = read_json(pfile, "k-fold parameters")
+    except DataError:
+        return False
+    n = int(stored.get("n_splits", 0)) if isinstance(stored, dict) else 0
     if not n or not all((out_dir / f"fold{k}" / "best.pt").exists() for k in range(n)):
         return False
     return params is None or stored == _jsonable(params)
+
+
+def fold_checkpoints(out_dir: str | Path) -> list[Path]:
+    """``out_dir/fold<k>/best.pt`` in numeric fold order (fold10 after fold2)."""
+    found = [p for p in Path(out_dir).glob("fold*/best.pt") if p.parent.name.removeprefix("fold").isdigit()]
+    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("fold")))
+
+
+def finished_runs(run_dir: str | Path) -> list[str]:
+    """Names of the finished k-fold runs (``is_complete``) under ``run_dir/kfold``, sorted."""
+    root = Path(run_dir) / "kfold"
+    return sorted(p.name for p in root.iterdir() if is_complete(p)) if root.is_dir() else []
+
+
+def find_run(run_dir: str | Path, name: str | None = None, checkpoints: Sequence[str | Path] | None = None,
+             profile: str = "smoke", seed: int = config.DEFAULT_SEED, folds: Sequence[int] | None = None
+             ) -> tuple[list[Path], str]:
+    """Fold checkpoints of a finished k-fold run and the run's name: the one reader of stage 04's output for
+    explanation (notebook 05) and export (notebook 07).
+
+    Explicit ``checkpoints`` win. Else ``run_dir/kfold/<name>``: by default the stage's own name when that run
+    is finished or none is, else the first finished one. A run that is not finished (``is_complete``) is made
+    by ``ensure_kfold`` with notebook 04's parameters for ``profile`` and ``seed`` (resumed when interrupted);
+    a finished one is used as it is, whatever its parameters. ``folds`` keeps those fold numbers only.
+    """
+    if checkpoints:
+        paths = [Path(p) for p in checkpoints]
+        return paths, name or paths[0].parent.parent.name
+    finished = finished_runs(run_dir)
+    name = name or (STAGE_NAME if STAGE_NAME in finished or not finished else finished[0])
+    if name not in finished:
+        ensure_kfold(run_dir, profile, seed, name=name)
+    paths = fold_checkpoints(Path(run_dir) / "kfold" / name)
+    if folds is not None:
+        want = {int(k) for k in folds}
+        paths = [p for p in paths if int(p.parent.name.removeprefix("fold")) in want]
+    if not paths:
+        raise DataError(Path(run_dir) / "kfold" / name, f"no fold checkpoints fold*/best.pt (folds {folds})")
+    return paths, name
 
 
 _DATASETS: dict[str, tuple[CachedDataset, str]] = {}  # last decoded dataset per input recipe (one process)
@@ -660,7 +701,7 @@ def load_result(out_dir: str | Path) -> KFoldResult:
         path = out_dir / name
         return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
 
-    ckpts = sorted(out_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
+    ckpts = fold_checkpoints(out_dir)
     summary = json.loads((out_dir / "metrics.json").read_text())
     return KFoldResult(read("oof.csv"), read("test_predictions.csv"), summary, read("ensembles.csv"), read("logs.csv"),
                        ckpts, out_dir)
