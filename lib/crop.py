@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import difflib
 import gzip
-import hashlib
 import itertools
 import json
 import os
@@ -55,6 +54,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from lib import config, resources
+from lib.cache import fingerprint
 from lib.imageio import WINDOWS, apply_window, resolve_window  # one windowing for crops, training, serving
 from lib.io import DataError, SkippedCases, check_same_grid, load_nifti, read_json, write_json
 
@@ -67,8 +67,8 @@ INDEX_COLUMNS = ["case_id", "patient_id", "structure", "organ", "mode", "path", 
                  "voxels", "bbox", "lesion_voxels"]
 CASE_COLUMNS = ["case_id", "patient_id", "image", "mask", "mask_kind", "class_map", "lesion"]
 DEFAULT_STRUCTURES = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right", "gallbladder"]
-# Bump when the output of the same inputs + parameters changes, so caches are invalidated.
-CODE_VERSION = "crop-3"
+#: Modules whose source is part of every crop's cache key: editing them recomputes the crops.
+CROP_CODE = ("lib.crop", "lib.imageio", "lib.io")
 AIR_HU = -1024.0
 LPS = ("L", "P", "S")
 
@@ -905,23 +905,11 @@ def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path, params
 # ----------------------------------------------------------------------------- cache + batch
 
 
-def _stat(path: str | Path) -> list:
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        return [str(p), None]
-    if p.is_dir():
-        return [str(p), sorted((c.name, c.stat().st_size, c.stat().st_mtime_ns) for c in p.iterdir())]
-    return [str(p), st.st_size, st.st_mtime_ns]
-
-
 def case_hash(case: dict, structures: Sequence[str], params: CropParams) -> str:
-    """Hash of the inputs' paths, sizes and mtimes plus every parameter: equal hash = same output."""
-    key = {"code": CODE_VERSION, "params": params.as_json(), "structures": list(structures),
-           "case": {k: case.get(k, "") for k in CASE_COLUMNS},
-           "files": [_stat(case[k]) for k in ("image", "mask", "lesion") if case.get(k)]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    """Hash of the inputs' paths, sizes and mtimes, every parameter and the cropping code: equal hash = same output."""
+    key = {"params": params.as_json(), "structures": list(structures),
+           "case": {k: case.get(k, "") for k in CASE_COLUMNS}}
+    return fingerprint(key, CROP_CODE, stamps=[case[k] for k in ("image", "mask", "lesion") if case.get(k)])
 
 
 def _manifest_path(out_dir: Path, name: str, case_id: str) -> Path:

@@ -26,8 +26,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib import config, metrics, models, resources, splits, train
+from lib.cache import fingerprint, source_digest
 from lib.datasets import CachedDataset
 from lib.io import DataError, SkippedCases, read_json, to_jsonable, write_json
+from lib.params import check_profile, stage_defaults
 
 
 @dataclass
@@ -488,33 +490,44 @@ def predict_source(dataset: str | Path, run_dir: str | Path, profile: str = "smo
 
 STAGE_NAME = "model"
 PARAMS_FILE = "params.json"
-# Parameters of notebook 04 that shape the fold models; the values are the smoke profile (what nbval runs).
-# notebooks/profiles/04_kfold.yaml overrides them per profile, so notebooks 05/07 calling ``ensure_kfold``
-# standalone get the same models notebook 04 would have trained.
-STAGE_DEFAULTS: dict = {
-    "dataset": "synthetic-ct", "label_source": "reports", "lang": "ja", "organ": "liver",
-    "label_cols": ["liver_fatty"], "input_kind": "slab", "n_slices": 4, "image_size": 32, "mask_mode": "multiply",
-    "channels": 1, "model_name": "mil:resnet10t", "pretrained": False, "n_splits": 3, "test_fraction": 0.2,
-    "epochs": 10, "batch_size": 8, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine", "patience": 0,
-    "augment": "light", "uncertain": "ignore", "threshold": 0.5, "n_boot": 200, "bn_momentum": 0.5,
-    "model_kwargs": {"channels": [32, 64, 128, 256], "stem_width": 16}, "ema_decay": 0.0, "select": "last",
-}
+# Notebook 04's parameters that do not shape the fold models (where the run goes, the optional label-noise study,
+# the notebook's quality floors); every other parameter does.
+_RUN_CONTROL = ("profile", "seed", "run_dir", "name", "label_noise", "label_noise_params", "min_oof_auc",
+                "min_macro_f1")
+# Parameters of notebook 04 that shape the fold models, with its defaults (the smoke profile, what nbval runs),
+# read from the notebook's parameters cell: declared once. notebooks/profiles/04_kfold.yaml overrides them per
+# profile, so notebooks 05/07 calling ``ensure_kfold`` standalone get the same models notebook 04 would have trained.
+STAGE_DEFAULTS: dict = {k: v for k, v in stage_defaults("04_kfold").items() if k not in _RUN_CONTROL}
 
 
 def stage_params(profile: str = "smoke", **overrides) -> dict:
-    """Stage-04 parameters: smoke defaults < ``notebooks/profiles/04_kfold.yaml[profile]`` < ``overrides``."""
+    """Stage-04 parameters: smoke defaults < ``notebooks/profiles/04_kfold.yaml[profile]`` < ``overrides``; the
+    profile is checked against the declared parameter types first (``lib.params.check_profile``)."""
     import yaml
 
     params = dict(STAGE_DEFAULTS)
     path = config.PROFILES / "04_kfold.yaml"
     if path.exists():
         table = yaml.safe_load(path.read_text()) or {}
-        params.update({k: v for k, v in (table.get(profile) or {}).items() if k in STAGE_DEFAULTS})
+        values = table.get(profile) or {}
+        check_profile("04_kfold", values, path)
+        params.update({k: v for k, v in values.items() if k in STAGE_DEFAULTS})
     unknown = sorted(set(overrides) - set(STAGE_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown k-fold parameter(s) {unknown}; known: {sorted(STAGE_DEFAULTS)}")
     params.update(overrides)
     return params
+
+
+#: Modules whose source is part of a k-fold run's identity (``params.json``): editing them retrains the folds.
+KFOLD_CODE = ("lib.kfold", "lib.train", "lib.models", "lib.datasets", "lib.metrics", "lib.splits", "lib.imageio")
+
+
+def run_params(profile: str = "smoke", seed: int = config.DEFAULT_SEED, **overrides) -> dict:
+    """What identifies a k-fold run (its ``params.json``): ``stage_params``, seed, profile and a digest of the
+    code that trains and scores it (``lib.cache.source_digest``), so a changed trainer never reuses old folds."""
+    return {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile,
+            "code": source_digest(KFOLD_CODE)}
 
 
 def _jsonable(params: dict) -> dict:
@@ -640,7 +653,7 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
     import shutil
 
     run_dir = config.resolve_run_dir(run_dir, profile)
-    params = {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile}
+    params = run_params(profile, seed, **overrides)
     out = run_dir / "kfold" / name
     if not force and is_complete(out, params):
         if not (out / "confusion.png").exists():
@@ -714,7 +727,7 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
     import json
 
     run_dir = config.resolve_run_dir(run_dir, profile)
-    params = {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile}
+    params = run_params(profile, seed, **overrides)
     from lib import datasets
 
     if not datasets.has_truth(params["dataset"]):
@@ -790,21 +803,12 @@ def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[
 _PREDICT_CACHE: dict[str, object] = {}  # the last decoded inputs and their per-checkpoint probabilities
 
 
-def _file_key(path: Path) -> list:
-    st = path.stat() if path.exists() else None
-    return [str(path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0]
-
-
 def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases) -> tuple[pd.DataFrame, np.ndarray, str]:
     """``_inputs_for`` decoded once per folder content and recipe: predicting with each fold model and with
     their ensemble (notebook 04's predict / merge check) reads the crops once, not once per call."""
-    import hashlib
-    import json
-
     source = Path(source)
     files = sorted(source.rglob("*")) if source.is_dir() else [source]
-    listing = hashlib.sha256(json.dumps([_file_key(f) for f in files if f.is_file()]).encode()).hexdigest()
-    key = json.dumps([listing, spec], default=str, sort_keys=True)
+    key = fingerprint(spec, stamps=[f.resolve() for f in files if f.is_file()])
     if _PREDICT_CACHE.get("key") != key:
         fresh = SkippedCases()
         table, x = _inputs_for(source, spec, fresh)
@@ -816,9 +820,7 @@ def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases) -> tup
 
 def _cached_probs(ckpt: str | Path, x: np.ndarray, key: str, task: str, device: torch.device) -> np.ndarray:
     """One checkpoint's probabilities on the cached inputs (computed once per checkpoint file and inputs)."""
-    import json
-
-    ckpt_key = json.dumps([_file_key(Path(ckpt)), key, str(device)])
+    ckpt_key = fingerprint([key, str(device)], stamps=[Path(ckpt).resolve()])
     probs = _PREDICT_CACHE.setdefault("probs", {})
     if ckpt_key not in probs:
         model, _ = models.load_checkpoint(ckpt, device)
