@@ -110,7 +110,8 @@ MONAI_DEFAULTS: dict[str, dict[str, Any]] = {"UNet": {"channels": (16, 32, 64, 1
 @register_family("monai")
 def _monai_model(name: str, in_chans: int, num_classes: int, pretrained: bool = False, spatial_dims: int = 3,
                  **kw: Any) -> nn.Module:
-    """A ``monai.networks.nets`` network; MONAI's constructors name channels/outputs in two ways."""
+    """A ``monai.networks.nets`` network, randomly initialised; MONAI's constructors name channels/outputs in two
+    ways."""
     import inspect
 
     from monai.networks import nets
@@ -118,11 +119,9 @@ def _monai_model(name: str, in_chans: int, num_classes: int, pretrained: bool = 
     build = getattr(nets, name, None)
     if build is None or not callable(build):
         raise ValueError(f"unknown MONAI network {name!r} (a name in monai.networks.nets, e.g. resnet10, UNet)")
+    if pretrained:
+        raise ValueError(f"monai:{name}: no pretrained weights here (use a timm model for pretrained=True)")
     params = inspect.signature(build).parameters
-    if pretrained and "pretrained" not in params:
-        raise ValueError(f"monai:{name}: no pretrained weights (use a timm model for pretrained=True)")
-    if "pretrained" in params:
-        kw["pretrained"] = pretrained
     if "in_channels" in params and "out_channels" in params:  # DenseNet, UNet and similar
         args = {"in_channels": in_chans, "out_channels": num_classes}
     else:  # ResNet family (resnet10(**kwargs) -> ResNet(n_input_channels, num_classes))
