@@ -617,10 +617,6 @@ def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total",
     return rows
 
 
-#: Layout and image pattern of the registered CT sets (``lib.datasets.REGISTRY``) that cropping reads.
-_LAYOUTS = {"synthetic-ct": ("synthetic", "*.nii*"), "ct-totalseg": ("pairs", "example_ct*.nii.gz")}
-
-
 def open_cases(dataset: str | Path = "synthetic-ct", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
                image_glob: str = "*.nii*", layout: str = "auto", stage: str = "02_crop_organs"
                ) -> tuple[pd.DataFrame, Path]:
@@ -637,8 +633,7 @@ def open_cases(dataset: str | Path = "synthetic-ct", profile: str = "smoke", see
     if isinstance(found, Path):
         return discover_cases(found, layout, image_glob=image_glob), found
     root = found.locate(profile, seed)
-    reg_layout, reg_glob = _LAYOUTS.get(found.name, (layout, image_glob))
-    return discover_cases(root, reg_layout, image_glob=reg_glob), root
+    return discover_cases(root, found.layout, image_glob=found.image_glob or image_glob), root
 
 
 def organ_of(structure: str) -> str:

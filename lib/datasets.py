@@ -373,6 +373,8 @@ class DatasetInfo:
     inputs: str = "images"
     classes: tuple[str, ...] | None = None  # class folders in label order (None: sorted folder names)
     truth: bool = False  # labels from text come with a ground truth (the synthetic cohort)
+    layout: str = "auto"  # CT volumes: the ``lib.crop.discover_cases`` layout of the folder
+    image_glob: str | None = None  # CT volumes: which files are images (None: the stage's parameter)
     description: str = ""
 
     def applies_to(self, stage: str) -> bool:
@@ -421,10 +423,10 @@ def register(info: DatasetInfo) -> DatasetInfo:
 
 register(DatasetInfo("synthetic-ct", "3d", "binary", "patient_id", True,
                      ("00_eda", "02_crop_organs", "03_train", "04_kfold", "05_explain"), _synthetic_cohort,
-                     aliases=("synthetic",), inputs="crops", truth=True,
+                     aliases=("synthetic",), inputs="crops", truth=True, layout="synthetic",
                      description="generated abdominal CT cohort with reports, organ and lesion masks"))
 register(DatasetInfo("ct-totalseg", "3d", None, "patient_id", False, ("00_eda", "02_crop_organs"),
-                     _shared("ct-totalseg"), inputs="volumes",
+                     _shared("ct-totalseg"), inputs="volumes", layout="pairs", image_glob="example_ct*.nii.gz",
                      description="TotalSegmentator example CTs with their organ segmentation"))
 register(DatasetInfo("brain-mri", "2d", "binary", "group", False, ("03_train", "04_kfold"),
                      _shared("brain-mri-tumor"), aliases=("brain",), classes=("no", "yes"),

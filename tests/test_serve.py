@@ -249,6 +249,7 @@ def test_export_run_crop_model_serves_what_it_trained_on(tmp_path: Path) -> None
                                meta)
     (run / "kfold" / "m" / "metrics.json").write_text(json.dumps({"pooled": {"auc": 0.71, "auc_ci": [0.5, 0.9]},
                                                                   "n_splits": 2}))
+    (run / "kfold" / "m" / "params.json").write_text(json.dumps({"n_splits": 2}))  # a finished run: kfold.is_complete
     out = export.export_run(run, profile="smoke")
     exp = run / "export" / "m"
     assert out["kfold_name"] == "m" and out["n_models"] == 2 and out["run_id"] == "run"
