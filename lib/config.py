@@ -32,6 +32,17 @@ def shared_path(*parts: str) -> Path:
     return SHARED_DATA.joinpath(*parts)
 
 
+def data_path(path: str | Path) -> Path:
+    """A user path as given, or relative to the repository when it does not exist from the current folder.
+
+    Why: papermill and nbval run notebooks inside ``notebooks/``, users write paths from the repository root.
+    """
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
+        return (ROOT / p).resolve()
+    return p
+
+
 def resolve_run_dir(run_dir: str | Path | None, profile: str = "smoke") -> Path:
     """A notebook's ``run_dir`` parameter: the given folder, or ``outputs/scratch/<profile>``.
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import difflib
 import gzip
-import hashlib
 import itertools
 import json
 import os
@@ -53,8 +52,9 @@ import pandas as pd
 from scipy import ndimage
 
 from lib import cluster, config
+from lib.cache import fingerprint
 from lib.imageio import WINDOWS, apply_window, resolve_window  # one windowing for crops, training, serving
-from lib.io import DataError, SkippedCases, check_same_grid, load_nifti
+from lib.io import DataError, SkippedCases, check_same_grid, load_nifti, read_json, write_json
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
@@ -65,8 +65,8 @@ INDEX_COLUMNS = ["case_id", "patient_id", "structure", "organ", "mode", "path", 
                  "voxels", "bbox", "lesion_voxels"]
 CASE_COLUMNS = ["case_id", "patient_id", "image", "mask", "mask_kind", "class_map", "lesion"]
 DEFAULT_STRUCTURES = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right", "gallbladder"]
-# Bump when the output of the same inputs + parameters changes, so caches are invalidated.
-CODE_VERSION = "crop-3"
+#: Modules whose source is part of every crop's cache key: editing them recomputes the crops.
+CROP_CODE = ("lib.crop", "lib.imageio", "lib.io")
 AIR_HU = -1024.0
 LPS = ("L", "P", "S")
 
@@ -408,17 +408,6 @@ def parse_class_map(raw: dict, task: str = "total") -> dict[int, str]:
     return out
 
 
-def _read_json(path: Path) -> object:
-    """Parsed JSON, or a DataError naming the file and where it breaks."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"unreadable class map ({type(exc).__name__}: {exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(path, f"class map is not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                              f"{exc.colno})") from exc
-
-
 def _class_map(path: Path, raw: object, task: str) -> dict[int, str]:
     try:
         return parse_class_map(raw, task)  # type: ignore[arg-type]
@@ -426,10 +415,15 @@ def _class_map(path: Path, raw: object, task: str) -> dict[int, str]:
         raise DataError(path, str(exc)) from exc
 
 
+_read_json = read_json  # the reader of class-map files used by the layouts below (one JSON reader: lib.io)
+
+
 def load_class_map(path: str | Path, task: str = "total") -> dict[int, str]:
-    """A class-map JSON file as {label: name}; any problem is a DataError naming the file."""
+    """A class-map JSON file as {label: name}: TotalSegmentator's class map, an nnU-Net v1 or v2 / MSD
+    ``dataset.json``, or a plain {label: name}; the one class-map reader of EDA, cropping and segmentation.
+    Any problem is a DataError naming the file."""
     path = Path(path)
-    return _class_map(path, _read_json(path), task)
+    return _class_map(path, read_json(path, "class map"), task)
 
 
 def _nii_files(folder: Path, pattern: str = "*.nii*") -> list[Path]:
@@ -585,7 +579,7 @@ def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total",
     """CTs and multilabel masks in one folder, paired by shape and affine (names are not reliable)."""
     skipped = SkippedCases() if skipped is None else skipped
     maps = sorted(root.glob("*.json"))
-    raw = _read_json(maps[0]) if maps else {}
+    raw = read_json(maps[0], "class map") if maps else {}
     if maps:
         _class_map(maps[0], raw, task)  # a broken map fails here, naming the file, not at crop time
     is_mask = lambda p: any(t in _stem(p).lower() for t in ("seg", "label", "mask"))  # noqa: E731
@@ -621,38 +615,23 @@ def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total",
     return rows
 
 
-def open_cases(dataset: str | Path = "synthetic", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
-               image_glob: str = "*.nii*", layout: str = "auto") -> tuple[pd.DataFrame, Path]:
+def open_cases(dataset: str | Path = "synthetic-ct", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
+               image_glob: str = "*.nii*", layout: str = "auto", stage: str = "02_crop_organs"
+               ) -> tuple[pd.DataFrame, Path]:
     """The case table a notebook's ``dataset`` parameter names, and the folder it came from.
 
-    ``synthetic``: the generated cohort (cached); ``ct-totalseg``: the real TotalSegmentator example CTs in
-    ``../shared/data`` (``example_ct*.nii.gz`` paired with ``example_seg.nii.gz`` by voxel grid); anything
-    else is a folder in one of :func:`discover_cases`' layouts. A relative path that does not exist from the
-    current folder (papermill runs notebooks inside ``notebooks/``) is taken relative to the repository.
+    A registered name (``lib.datasets.lookup``): ``synthetic-ct`` is the generated cohort (cached),
+    ``ct-totalseg`` the real TotalSegmentator example CTs in ``../shared/data`` (``example_ct*.nii.gz`` paired
+    with ``example_seg.nii.gz`` by voxel grid). Anything else is a folder in one of :func:`discover_cases`'
+    layouts (a relative path may be given from the repository: papermill runs notebooks inside ``notebooks/``).
     """
-    if str(dataset) == "synthetic":
-        from lib import synth
+    from lib import datasets
 
-        root = synth.ensure_cohort(profile, seed)
-        return discover_cases(root, "synthetic"), root
-    if str(dataset) == "ct-totalseg":
-        root = config.shared_path("ct-totalseg")
-        if not root.is_dir():
-            raise DataError(root, "the real CT example is not available (../shared/data/ct-totalseg)")
-        return discover_cases(root, "pairs", image_glob="example_ct*.nii.gz"), root
-    root = data_path(dataset)
-    return discover_cases(root, layout, image_glob=image_glob), root
-
-
-def data_path(path: str | Path) -> Path:
-    """A user path as given, or relative to the repository when it does not exist from the current folder.
-
-    Why: papermill and nbval run notebooks inside ``notebooks/``, users write paths from the repository root.
-    """
-    p = Path(path)
-    if not p.is_absolute() and not p.exists() and (config.ROOT / p).exists():
-        return (config.ROOT / p).resolve()
-    return p
+    found = datasets.lookup(dataset, stage)
+    if isinstance(found, Path):
+        return discover_cases(found, layout, image_glob=image_glob), found
+    root = found.locate(profile, seed)
+    return discover_cases(root, found.layout, image_glob=found.image_glob or image_glob), root
 
 
 def organ_of(structure: str) -> str:
@@ -919,23 +898,11 @@ def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path, params
 # ----------------------------------------------------------------------------- cache + batch
 
 
-def _stat(path: str | Path) -> list:
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        return [str(p), None]
-    if p.is_dir():
-        return [str(p), sorted((c.name, c.stat().st_size, c.stat().st_mtime_ns) for c in p.iterdir())]
-    return [str(p), st.st_size, st.st_mtime_ns]
-
-
 def case_hash(case: dict, structures: Sequence[str], params: CropParams) -> str:
-    """Hash of the inputs' paths, sizes and mtimes plus every parameter: equal hash = same output."""
-    key = {"code": CODE_VERSION, "params": params.as_json(), "structures": list(structures),
-           "case": {k: case.get(k, "") for k in CASE_COLUMNS},
-           "files": [_stat(case[k]) for k in ("image", "mask", "lesion") if case.get(k)]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    """Hash of the inputs' paths, sizes and mtimes, every parameter and the cropping code: equal hash = same output."""
+    key = {"params": params.as_json(), "structures": list(structures),
+           "case": {k: case.get(k, "") for k in CASE_COLUMNS}}
+    return fingerprint(key, CROP_CODE, stamps=[case[k] for k in ("image", "mask", "lesion") if case.get(k)])
 
 
 def _manifest_path(out_dir: Path, name: str, case_id: str) -> Path:
@@ -972,7 +939,7 @@ def run_case(case: dict, structures: Sequence[str], out_dir: str, params: CropPa
         skipped.add(case["case_id"], f"{type(exc).__name__}: {exc}", stage="crop", path=case.get("image", ""))
         return [], skipped.rows, True  # not cached: unexpected errors are retried next run
     entry = {"hash": digest, "rows": rows, "skipped": skipped.rows}
-    _atomic_write(_manifest_path(out, name, case["case_id"]), json.dumps(entry, indent=1).encode())
+    write_json(_manifest_path(out, name, case["case_id"]), entry)
     return rows, skipped.rows, True
 
 

@@ -349,11 +349,168 @@ def csv_dataset(csv_path: str | Path, path_col: str = "path", label_col: str = "
     return image_dataset(table, path_col=path_col, label_col=label_col, **kw)
 
 
-# ----------------------------------------------------------------------------- by name (notebook parameter)
+# ----------------------------------------------------------------------------- registry: data sets by name
 
-DATASETS = ("synthetic-ct", "brain-mri", "cxr-3class")
-ALIASES = {"cxr": "cxr-3class", "brain": "brain-mri", "synthetic": "synthetic-ct"}
-SHARED_FOLDERS = {"brain-mri": "brain-mri-tumor", "cxr-3class": "cxr-covid-3class/Covid19-dataset"}
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A named data set: where it comes from and what the stages need to know about it.
+
+    ``locate(profile, seed)`` returns its folder (synthetic sets are generated and cached, real ones are looked
+    up in ``../shared/data``: a ``DataError`` names the missing folder). ``stages`` are the notebooks whose
+    ``dataset`` parameter accepts it; ``inputs`` says what the training stages read: ``crops`` (notebook 02's
+    organ crops in ``run_dir/crops``), ``images`` (the 2D files themselves) or ``volumes``.
+    """
+
+    name: str
+    kind: str  # "2d" | "3d"
+    task: str | None  # binary | multiclass | segmentation; None: no labels (EDA and cropping only)
+    group_col: str  # folds are grouped by this column (patients, or duplicate groups of 2D images)
+    lesion_masks: bool  # voxel/pixel lesion masks exist (localisation scores, segmentation)
+    stages: tuple[str, ...]
+    locate: Callable[[str, int], Path] = field(repr=False, compare=False)
+    aliases: tuple[str, ...] = ()
+    inputs: str = "images"
+    classes: tuple[str, ...] | None = None  # class folders in label order (None: sorted folder names)
+    truth: bool = False  # labels from text come with a ground truth (the synthetic cohort)
+    layout: str = "auto"  # CT volumes: the ``lib.crop.discover_cases`` layout of the folder
+    image_glob: str | None = None  # CT volumes: which files are images (None: the stage's parameter)
+    description: str = ""
+
+    def applies_to(self, stage: str) -> bool:
+        return stage in self.stages
+
+
+def _synthetic_cohort(profile: str, seed: int) -> Path:
+    from lib import synth
+
+    return synth.ensure_cohort(profile, seed)
+
+
+def _synthetic_trus(profile: str, seed: int) -> Path:
+    from lib import synth_trus
+
+    return synth_trus.ensure_trus(profile, seed)
+
+
+def _shared(*parts: str) -> Callable[[str, int], Path]:
+    """A locator for a folder in ``../shared/data`` that fails with the folder's name when it is absent."""
+
+    def locate(profile: str = "", seed: int = 0) -> Path:
+        from lib import config
+
+        root = config.shared_path(*parts)
+        if not root.exists():
+            raise DataError(root, f"data set folder not found (expected ../shared/data/{'/'.join(parts)})")
+        return root
+
+    return locate
+
+
+#: Every named data set, by canonical name. Aliases resolve through :func:`get`.
+REGISTRY: dict[str, DatasetInfo] = {}
+
+
+def register(info: DatasetInfo) -> DatasetInfo:
+    """Add a data set; a name or alias used twice is a programming error."""
+    taken = {n for d in REGISTRY.values() for n in (d.name, *d.aliases)}
+    clash = {info.name, *info.aliases} & taken
+    if clash:
+        raise ValueError(f"data set name(s) {sorted(clash)} already registered")
+    REGISTRY[info.name] = info
+    return info
+
+
+register(DatasetInfo("synthetic-ct", "3d", "binary", "patient_id", True,
+                     ("00_eda", "02_crop_organs", "03_train", "04_kfold", "05_explain"), _synthetic_cohort,
+                     aliases=("synthetic",), inputs="crops", truth=True, layout="synthetic",
+                     description="generated abdominal CT cohort with reports, organ and lesion masks"))
+register(DatasetInfo("ct-totalseg", "3d", None, "patient_id", False, ("00_eda", "02_crop_organs"),
+                     _shared("ct-totalseg"), inputs="volumes", layout="pairs", image_glob="example_ct*.nii.gz",
+                     description="TotalSegmentator example CTs with their organ segmentation"))
+register(DatasetInfo("brain-mri", "2d", "binary", "group", False, ("03_train", "04_kfold"),
+                     _shared("brain-mri-tumor"), aliases=("brain",), classes=("no", "yes"),
+                     description="brain MRI slices, tumour yes/no"))
+register(DatasetInfo("cxr-3class", "2d", "multiclass", "group", False, ("03_train", "04_kfold"),
+                     _shared("cxr-covid-3class", "Covid19-dataset"), aliases=("cxr",),
+                     description="chest radiographs: Covid / normal / viral pneumonia"))
+register(DatasetInfo("trus", "2d", "segmentation", "patient_id", True, ("06_segment",), _synthetic_trus,
+                     description="generated transrectal ultrasound images with lesion and gland masks"))
+register(DatasetInfo("ms-lesion", "2d", "segmentation", "patient_id", True, ("06_segment",),
+                     _shared("ms-lesion-mri", "cross_sectional", "MNI"),
+                     description="MS-lesion MRI (FLAIR, T1, T2) slices with lesion masks"))
+register(DatasetInfo("ct-organs", "2d", "segmentation", "patient_id", True, ("06_segment",), _synthetic_cohort,
+                     inputs="crops", description="axial slices of the synthetic CT cohort's organ crops"))
+
+
+def names(stage: str | None = None) -> list[str]:
+    """Canonical names of the registered data sets (those ``stage`` accepts, when given)."""
+    return [n for n, d in REGISTRY.items() if stage is None or d.applies_to(stage)]
+
+
+def _by_name() -> dict[str, DatasetInfo]:
+    return {k: d for d in REGISTRY.values() for k in (d.name, *d.aliases)}
+
+
+def get(name: str, stage: str | None = None) -> DatasetInfo:
+    """The registered data set ``name`` (or alias); an unknown name is a ``ValueError`` with the closest names,
+    and one that ``stage`` does not use says which stages do."""
+    import difflib
+
+    known = _by_name()
+    info = known.get(str(name).strip().lower())
+    if info is None:
+        close = difflib.get_close_matches(str(name).lower(), list(known), n=3, cutoff=0.5)
+        close = list(dict.fromkeys(known[c].name for c in close))
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown data set {name!r}.{hint} Registered: {', '.join(names())} "
+                         f"(aliases: {', '.join(sorted(set(known) - set(REGISTRY)))}).")
+    if stage is not None and not info.applies_to(stage):
+        raise ValueError(f"data set {info.name!r} is not used by stage {stage} (it is for {', '.join(info.stages)}); "
+                         f"stage {stage} takes {', '.join(names(stage))}")
+    return info
+
+
+def lookup(dataset: str | Path, stage: str | None = None) -> DatasetInfo | Path:
+    """A ``dataset`` parameter: a registered name or alias -> its ``DatasetInfo``; an existing file or folder (as
+    given, or relative to the repository: papermill runs notebooks inside ``notebooks/``) -> that ``Path``.
+    Anything else is :func:`get`'s error, with the names closest to what was typed."""
+    from lib import config
+
+    if str(dataset).strip().lower() in _by_name():
+        return get(str(dataset), stage)
+    path = config.data_path(dataset)
+    if path.exists():
+        return path
+    try:
+        return get(str(dataset), stage)
+    except ValueError as exc:
+        raise ValueError(f"{exc} Or give an existing folder or CSV file.") from None
+
+
+def canonical(dataset: str | Path, stage: str | None = None) -> str:
+    """The canonical name of a registered data set or alias (``cxr`` -> ``cxr-3class``); a folder or file as its
+    path. Notebooks compare this, never the spelling a user typed."""
+    found = lookup(dataset, stage)
+    return str(found) if isinstance(found, Path) else found.name
+
+
+def has_truth(dataset: str | Path) -> bool:
+    """True for a registered set whose labels come with a ground truth (the synthetic cohort); False for folders."""
+    found = lookup(dataset)
+    return not isinstance(found, Path) and found.truth
+
+
+def locate(dataset: str, profile: str = "smoke", seed: int | None = None, stage: str | None = None
+           ) -> tuple[DatasetInfo, Path]:
+    """A registered data set and its folder (generated for ``profile``/``seed`` when synthetic)."""
+    from lib import config
+
+    info = get(dataset, stage)
+    return info, info.locate(profile, config.DEFAULT_SEED if seed is None else seed)
+
+
+# ----------------------------------------------------------------------------- by name (notebook parameter)
 
 
 def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = None, profile: str = "smoke",
@@ -361,25 +518,33 @@ def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = No
                   organ: str | None = None, label_cols: Sequence[str] | str = "{organ}_abnormal",
                   task: str = "binary", kind: str = "slab", n_slices: int = 8, size: int = 64,
                   mask_mode: str = "none", uncertain: str = "ignore", channels: int = 1,
-                  root: str | Path | None = None) -> tuple[CachedDataset, str]:
-    """The dataset a notebook parameter names, plus the column folds must be grouped by.
+                  root: str | Path | None = None, stage: str = "03_train") -> tuple[CachedDataset, str]:
+    """The dataset a notebook parameter names (``lookup``), plus the column folds must be grouped by.
 
-    ``synthetic-ct``: crops of the synthetic cohort (``lib.crop.ensure_crops``) joined with report labels
-    (``lib.reports.label_cohort``) or the ground truth; both upstream steps are cached and only run when
-    ``run_dir`` lacks their output. Grouped by ``patient_id``; the ground truth rides along as ``truth``.
-    ``brain-mri`` / ``cxr-3class`` (alias ``cxr``): the 2D sets in ``../shared/data`` (or ``root``), grouped by
-    duplicate ``group`` (exact copies and perceptual near-duplicates, ``lib.splits.image_folder_table``).
+    Registered sets whose ``inputs`` are ``crops`` (``synthetic-ct``): organ crops of the synthetic cohort
+    (``lib.crop.ensure_crops``) joined with report labels (``lib.reports.label_cohort``) or the ground truth;
+    both upstream steps are cached and only run when ``run_dir`` lacks their output; the ground truth rides
+    along as ``truth``. Registered 2D sets (``brain-mri``, ``cxr-3class``): the class folders in
+    ``../shared/data`` (or ``root``), grouped by duplicate ``group`` (``lib.splits.image_folder_table``).
     Any other value is a path: a class-per-folder image tree (PNG/JPG/DICOM) or a CSV with ``path`` and
     ``label`` columns (grouped by ``patient_id`` or ``group`` when present, else by file).
     """
     from lib import config
 
     seed = config.DEFAULT_SEED if seed is None else seed
-    if dataset == "synthetic-ct":
-        from lib import crop, reports, synth
+    info = lookup(dataset, stage)
+    if isinstance(info, Path):
+        if info.suffix.lower() == ".csv" and info.is_file():  # a table of image paths + a label column
+            ds = csv_dataset(info, channels=channels, size=size)
+            return ds, next((c for c in ("patient_id", "group") if c in ds.table), "path")
+        if info.is_dir():  # <root>/[<split>/]<class>/<image>
+            return _folder_dataset(info, channels, size, task=None)
+        raise ValueError(f"dataset {str(dataset)!r} is neither a registered name, an image folder nor a CSV file")
+    if info.inputs == "crops":
+        from lib import crop, reports
 
         run = config.resolve_run_dir(run_dir, profile)
-        cohort = synth.ensure_cohort(profile, seed)
+        cohort = info.locate(profile, seed)
         if not (run / "crops" / "index.csv").exists():
             crop.ensure_crops(run, profile, seed)
         if label_source == "reports":
@@ -389,20 +554,10 @@ def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = No
         ds = crop_dataset(run / "crops", labels, label_cols, organ, task, kind, n_slices, size, mask_mode, uncertain,
                           truth=truth, mode="bbox")
         ds.skipped.save(run / "skipped_dataset.csv")
-        return ds, "patient_id"
-    dataset = ALIASES.get(dataset, dataset)
-    if dataset not in DATASETS:
-        path = Path(dataset)
-        if path.suffix.lower() == ".csv" and path.is_file():  # a table of image paths + a label column
-            ds = csv_dataset(path, channels=channels, size=size)
-            return ds, next((c for c in ("patient_id", "group") if c in ds.table), "path")
-        if path.is_dir():  # <root>/[<split>/]<class>/<image>
-            return _folder_dataset(path, channels, size, task=None)
-        raise ValueError(f"dataset must be one of {DATASETS}, an image folder or a CSV file, got {dataset!r}")
-    root = Path(root) if root else config.shared_path(*SHARED_FOLDERS[dataset].split("/"))
-    if dataset == "brain-mri":
-        return _folder_dataset(root, channels, size, classes=["no", "yes"], task="binary")
-    return _folder_dataset(root, channels, size, task="multiclass")
+        return ds, info.group_col
+    folder = Path(root) if root else info.locate(profile, seed)
+    ds, _ = _folder_dataset(folder, channels, size, list(info.classes) if info.classes else None, info.task)
+    return ds, info.group_col
 
 
 def _folder_dataset(root: Path, channels: int, size: int, classes: list[str] | None = None,

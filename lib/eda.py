@@ -6,6 +6,7 @@ case table, so the notebook changes only its ``dataset`` parameter.
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 import seaborn as sns
 
 from lib import cluster, config, synth
-from lib.crop import load_class_map
+from lib.crop import open_cases
 from lib.io import DataError, SkippedCases, load_case, voxel_volume_ml
 from lib.reports import read_labels
 
@@ -34,33 +35,28 @@ class CTDataset:
     truth: pd.DataFrame | None = None  # only for EDA of the synthetic cohort; never for labelling
 
 
-def open_dataset(dataset: str = "synthetic", profile: str = "smoke", seed: int = config.DEFAULT_SEED) -> CTDataset:
-    """``synthetic`` (generated on demand), ``ct-totalseg`` (../shared/data), or a folder in the synthetic layout."""
-    if dataset == "synthetic":
-        return _folder_dataset(synth.ensure_cohort(profile, seed), "synthetic")
-    if dataset == "ct-totalseg":
-        root = config.shared_path("ct-totalseg")
-        if not root.exists():
-            raise DataError(root, "the real CT example is not available (../shared/data/ct-totalseg)")
-        cases = pd.DataFrame([{"case_id": "example_ct_sm", "patient_id": "example",
-                               "image": str(root / "example_ct_sm.nii.gz"),
-                               "mask": str(root / "example_seg.nii.gz")}])
-        return CTDataset("ct-totalseg", root, cases, load_class_map(root / "class_map_total_and_total_mr.json"))
-    return _folder_dataset(Path(dataset), Path(dataset).name)
+def open_dataset(dataset: str | Path = "synthetic-ct", profile: str = "smoke",
+                 seed: int = config.DEFAULT_SEED) -> CTDataset:
+    """A registered CT set (``lib.datasets``: ``synthetic-ct`` generated on demand, ``ct-totalseg`` from
+    ../shared/data) or a folder in any layout notebook 02 crops (synthetic, nnU-Net v1/v2 or MSD, TotalSegmentator,
+    CT + mask pairs): the same case table (``lib.crop.open_cases``) and class-map reader as the crop stage.
 
+    Cases without a single label-map file (no mask found, or one file per structure) are left out.
+    """
+    from lib import datasets  # the registry module imports torch: only when a data set is opened
 
-def _folder_dataset(root: Path, name: str) -> CTDataset:
-    studies_csv = root / "studies.csv"
-    if not studies_csv.exists():
-        raise DataError(studies_csv, "no studies.csv: expected the synthetic-cohort layout (see data/README.md)")
-    st = pd.read_csv(studies_csv)
-    cases = pd.DataFrame({"case_id": st.study_id, "patient_id": st.patient_id,
-                          "image": [str(root / p) for p in st.ct_path],
-                          "mask": [str(root / p) for p in st.seg_path]})
+    cases, root = open_cases(dataset, profile, seed, stage="00_eda")
+    found = datasets.lookup(dataset, "00_eda")
+    class_map: dict[int, str] = {}
+    for raw in cases["class_map"]:
+        class_map.update({int(k): v for k, v in json.loads(raw or "{}").items()})
+    cases = cases[(cases["mask"] != "") & (cases["mask_kind"] == "multilabel")]
+    cases = cases[["case_id", "patient_id", "image", "mask"]].reset_index(drop=True)
     reports = pd.read_csv(root / "reports.csv") if (root / "reports.csv").exists() else None
     truth_csv = root / "ground_truth" / "labels.csv"
     truth = read_labels(truth_csv) if truth_csv.exists() else None
-    return CTDataset(name, root, cases, load_class_map(root / "class_map.json"), reports, truth)
+    name = root.name if isinstance(found, Path) else found.name
+    return CTDataset(name, root, cases, dict(sorted(class_map.items())), reports, truth)
 
 
 def case_statistics(ds: CTDataset, structures: list[str] | None = None, hu_sample: int = 4000,

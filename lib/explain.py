@@ -722,13 +722,6 @@ def gallery(groups: dict[str, Sequence[CaseResult]], method: str = "gradcam", nc
 # ----------------------------------------------------------------------------- checkpoints and cases (notebook 05)
 
 
-def fold_checkpoints(run_dir: str | Path, name: str) -> list[Path]:
-    """``run_dir/kfold/<name>/fold<k>/best.pt`` in fold order (empty when stage 04 has not run)."""
-    root = Path(run_dir) / "kfold" / name
-    found = [p for p in root.glob("fold*/best.pt") if p.parent.name.removeprefix("fold").isdigit()]
-    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("fold")))
-
-
 def load_ensemble(paths: Sequence[str | Path], device: str = "cpu") -> tuple[list[nn.Module], dict]:
     """Fold models and their shared recipe; folds trained on different inputs or labels are an error."""
     from lib.io import DataError
@@ -834,7 +827,7 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
     code), labels are the cohort's ground truth (not the report labels), and every case gets the
     ensemble probability and its outcome (TP/FP/FN/TN at ``threshold``).
     """
-    from lib import datasets, synth
+    from lib import datasets
 
     prep = dict(meta.get("preprocessing") or {})
     crops_dir = Path(crops_dir) if crops_dir else Path(run_dir) / "crops"
@@ -842,7 +835,7 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
         from lib import crop
 
         crop.ensure_crops(run_dir, profile, seed)
-    truth = datasets.load_labels("truth", cohort_dir=synth.ensure_cohort(profile, seed))
+    truth = datasets.load_labels("truth", cohort_dir=datasets.locate("synthetic-ct", profile, seed)[1])
     cols = prep.get("label_cols") or list(meta.get("label_names") or [])
     cols = cols if isinstance(cols, str) else list(cols)  # a "{organ}_abnormal" template stays a string
     ds = datasets.crop_dataset(crops_dir, truth, cols, organ=prep.get("organ"), task=meta["task"],
@@ -932,49 +925,13 @@ def gain_intervals(table: pd.DataFrame, method: str = "gradcam", fold: str = "en
     return out
 
 
-def find_checkpoints(run_dir: str | Path, kfold_name: str | None = None,
-                     checkpoints: Sequence[str | Path] | None = None, profile: str = "smoke",
-                     seed: int = 0, folds: Sequence[int] | None = None) -> tuple[list[Path], str]:
-    """Fold checkpoints to explain and the k-fold run's name.
-
-    Explicit ``checkpoints`` win; else ``run_dir/kfold/<kfold_name>/fold*/best.pt`` of a finished run (the
-    stage's default name, or the only/first finished one, when None). When stage 04 has not finished in
-    ``run_dir``, its idempotent entry point ``lib.kfold.ensure_kfold`` trains (or resumes) the folds with
-    notebook 04's parameters for ``profile``. A finished run is never retrained here, whatever its parameters.
-    ``folds`` keeps only those fold numbers (e.g. ``[0, 1]`` for a quick look at a 5-fold ensemble).
-    """
-    from lib import kfold
-    from lib.io import DataError
-
-    if checkpoints:
-        paths = [Path(p) for p in checkpoints]
-        return paths, kfold_name or paths[0].parent.parent.name
-    root = Path(run_dir) / "kfold"
-
-    def finished() -> list[str]:  # metrics.json is written after the last fold
-        return sorted(p.name for p in root.iterdir() if (p / "metrics.json").exists() and any(p.glob("fold*/best.pt"))
-                      ) if root.exists() else []
-
-    names = finished()
-    name = kfold_name or (kfold.STAGE_NAME if kfold.STAGE_NAME in names or not names else names[0])
-    if name not in names:
-        kfold.ensure_kfold(run_dir, profile, seed, name=name)
-    paths = fold_checkpoints(run_dir, name)
-    if folds is not None:
-        want = {int(k) for k in folds}
-        paths = [p for p in paths if int(p.parent.name.removeprefix("fold")) in want]
-    if not paths:
-        raise DataError(root / name, f"no fold checkpoints fold*/best.pt (folds {folds})")
-    return paths, name
-
-
 def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: pd.DataFrame | None = None,
                        methods: Sequence[str] = METHODS, table: pd.DataFrame | None = None,
                        threshold: float = 0.5, seed: int = 0) -> dict:
     """Ensemble scores per method, gains over the random map (with bootstrap intervals when the per-case
     ``table`` is given) and the final randomisation correlations as JSON, so ``lib.pipeline.merge_metrics`` puts
     stage 05 in the run's ``metrics.json`` beside the other stages."""
-    import json
+    from lib.io import write_json
 
     ens = summary[summary["fold"].astype(str) == "ensemble"].set_index("method")
     cols = ["n", "n_localised", "pointing", "energy_inside", "deletion_auc", "n_predicted", "deletion_auc_predicted",
@@ -988,7 +945,7 @@ def write_metrics_json(path: str | Path, summary: pd.DataFrame, randomisation: p
     if randomisation is not None and len(randomisation):
         for col in ("spearman", "spearman_support"):  # mean |Spearman| after full randomisation
             out[f"randomised_abs_{col}"] = {m: _num(v) for m, v in randomised_correlation(randomisation, col).items()}
-    Path(path).write_text(json.dumps(out, indent=1))
+    write_json(path, out)
     return out
 
 

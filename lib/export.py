@@ -9,7 +9,6 @@ metrics, parity figure), a ``sample.*`` file the service can score at ``/predict
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lib.io import DataError
+from lib import config
+from lib.io import DataError, write_json
 
 OPSET = 17
 PARITY_TOL = 1e-4
@@ -133,21 +133,6 @@ def parity(model: nn.Module, onnx_path: str | Path, x: np.ndarray) -> float:
     return float(np.abs(out - ref).max())
 
 
-def _json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(obj, indent=2, default=_to_plain) + "\n")
-    return path
-
-
-def _to_plain(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray | tuple):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
 def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: str | Path,
                  sample: str | Path | None = None, parity_inputs: np.ndarray | None = None,
                  run_id: str = "", metrics: dict | None = None, tol: float = PARITY_TOL,
@@ -201,8 +186,8 @@ def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: s
         "onnx": {"opset": OPSET, "file": onnx_path.name, "bytes": onnx_path.stat().st_size},
         "sample": sample_info, **(extra or {}),
     }
-    _json(out_dir / "labels.json", {str(i): name for i, name in enumerate(labels)})
-    _json(out_dir / "metadata.json", metadata)
+    write_json(out_dir / "labels.json", {str(i): name for i, name in enumerate(labels)}, indent=2)
+    write_json(out_dir / "metadata.json", metadata, indent=2)
     return metadata
 
 
@@ -214,53 +199,17 @@ def export_checkpoints(paths: Sequence[str | Path], out_dir: str | Path, **kw: A
     return export_model(models, meta, out_dir, **kw)
 
 
-def kfold_checkpoints(run_dir: str | Path, name: str) -> list[Path]:
-    """``run_dir/kfold/<name>/fold<k>/best.pt`` in fold order (empty when the k-fold stage has not run)."""
-    root = Path(run_dir) / "kfold" / name
-    return sorted(root.glob("fold*/best.pt"), key=lambda p: int("".join(c for c in p.parent.name if c.isdigit())
-                                                                    or 0))
-
-
 # ----------------------------------------------------------------------------- stage 07: export a k-fold run
-
-
-def find_fold_checkpoints(run_dir: str | Path, name: str | None = None,
-                          checkpoints: Sequence[str | Path] | None = None, profile: str = "smoke",
-                          seed: int = 20261123) -> tuple[list[Path], str]:
-    """Fold checkpoints to export and the k-fold run's name (``run_dir/kfold/<name>/fold<k>/best.pt``).
-
-    Explicit ``checkpoints`` win; else the named (or only/first) k-fold run in ``run_dir``. When stage 04 has
-    not run there, its idempotent entry point ``lib.kfold.ensure_kfold`` trains the folds with the profile's
-    stage-04 parameters, so this stage runs standalone and exports the models notebook 04 would have made.
-    """
-    if checkpoints:
-        paths = [Path(p) for p in checkpoints]
-        return paths, name or paths[0].parent.parent.name
-    root = Path(run_dir) / "kfold"
-
-    def existing() -> list[str]:
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("fold*/best.pt"))) \
-            if root.exists() else []
-
-    names = existing()
-    if name not in names and not (name is None and names):
-        from lib import kfold
-
-        kfold.ensure_kfold(run_dir=run_dir, profile=profile, seed=seed, **({"name": name} if name else {}))
-        names = existing()
-    name = name or (names[0] if names else None)
-    paths = kfold_checkpoints(run_dir, name) if name else []
-    if not paths:
-        raise DataError(root / str(name), "no fold checkpoints fold*/best.pt")
-    return paths, name
 
 
 def oof_metrics(run_dir: str | Path, name: str) -> dict:
     """The pooled out-of-fold scores of stage 04 (``kfold/<name>/metrics.json``), scalars only, for metadata."""
-    path = Path(run_dir) / "kfold" / name / "metrics.json"
-    if not path.exists():
+    from lib import kfold
+
+    try:
+        summary = kfold.load_result(Path(run_dir) / "kfold" / name).summary
+    except DataError:  # checkpoints given without their k-fold run
         return {}
-    summary = json.loads(path.read_text())
     pooled = summary.get("pooled", {})
     keep = {k: v for k, v in pooled.items() if isinstance(v, int | float | str | type(None))}
     return {"source": f"kfold/{name}/metrics.json", "pooled_oof": keep,
@@ -322,15 +271,18 @@ def crop_as_nifti(crop_path: str | Path, out_path: str | Path, spec: dict | None
 
 
 def export_run(run_dir: str | Path, name: str | None = None, checkpoints: Sequence[str | Path] | None = None,
-               profile: str = "smoke", seed: int = 20261123, n_parity: int = 8, out_dir: str | Path | None = None,
-               sample: str | Path | None = None, parity_inputs: np.ndarray | None = None) -> dict:
+               profile: str = "smoke", seed: int = config.DEFAULT_SEED, n_parity: int = 8,
+               out_dir: str | Path | None = None, sample: str | Path | None = None,
+               parity_inputs: np.ndarray | None = None) -> dict:
     """Stage 07: the fold ensemble of ``run_dir/kfold/<name>`` -> ``run_dir/export/<name>`` (see ``export_model``).
 
     Crop models get real parity inputs from ``run_dir/crops`` built by the training code, and the first of
     them as ``sample.nii.gz``; image models need ``sample`` (and optionally ``parity_inputs``) from the caller.
     """
     run_dir = Path(run_dir)
-    paths, name = find_fold_checkpoints(run_dir, name, checkpoints, profile, seed)
+    from lib import kfold
+
+    paths, name = kfold.find_run(run_dir, name, checkpoints, profile, seed)
     members, meta = load_members(paths)
     spec = input_spec(meta)
     out_dir = Path(out_dir) if out_dir else run_dir / "export" / name

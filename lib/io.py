@@ -7,14 +7,62 @@ must not kill a batch, and the user must learn which file was bad and why. Reade
 from __future__ import annotations
 
 import gzip
+import json
 import math
+import os
+import threading
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+
+
+def to_jsonable(obj: Any) -> Any:
+    """numpy scalars/arrays -> Python, NaN/inf -> None (strict JSON), tuples/sets -> lists, keys and paths -> str."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        return [to_jsonable(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, set | frozenset):
+        return [to_jsonable(v) for v in sorted(obj, key=str)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return str(obj)  # Path, dtype, Timestamp...: their text
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
+    """Write ``obj`` as strict JSON (``to_jsonable``) so that a reader never sees a half-written file: a temporary
+    file beside it, then ``os.replace``. The one JSON writer of the package."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Parsed JSON, or a DataError naming the file and where it breaks."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"unreadable {what} ({type(exc).__name__}: {exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"{what} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
 
 
 class DataError(ValueError):

@@ -26,8 +26,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib import config, metrics, models, resources, splits, train
+from lib.cache import fingerprint, source_digest
 from lib.datasets import CachedDataset
-from lib.io import DataError, SkippedCases
+from lib.io import DataError, SkippedCases, read_json, to_jsonable, write_json
+from lib.params import check_profile, stage_defaults
 
 
 @dataclass
@@ -472,40 +474,44 @@ def metrics_table(summary: dict) -> pd.DataFrame:
     return table.apply(pd.to_numeric, errors="coerce")
 
 
-def predict_source(dataset: str, run_dir: str | Path) -> Path:
-    """The folder ``predict`` reads for a dataset: the run's crops, or the shared 2D image folder."""
-    if dataset == "synthetic-ct":
-        return Path(run_dir) / "crops"
-    folder = {"brain-mri": ("brain-mri-tumor",), "cxr-3class": ("cxr-covid-3class", "Covid19-dataset")}[dataset]
-    return config.shared_path(*folder)
+def predict_source(dataset: str | Path, run_dir: str | Path, profile: str = "smoke",
+                   seed: int = config.DEFAULT_SEED) -> Path:
+    """The folder ``predict`` reads for a dataset (any registered name or alias, or a folder/CSV): the run's
+    crops for crop-based sets, else the set's image folder."""
+    from lib import datasets
+
+    found = datasets.lookup(dataset, "04_kfold")
+    if isinstance(found, Path):
+        return found
+    return Path(run_dir) / "crops" if found.inputs == "crops" else found.locate(profile, seed)
 
 
 # ----------------------------------------------------------------------------- stage entry point (notebooks 04, 05, 07)
 
 STAGE_NAME = "model"
 PARAMS_FILE = "params.json"
-# Parameters of notebook 04 that shape the fold models; the values are the smoke profile (what nbval runs).
-# notebooks/profiles/04_kfold.yaml overrides them per profile, so notebooks 05/07 calling ``ensure_kfold``
-# standalone get the same models notebook 04 would have trained.
-STAGE_DEFAULTS: dict = {
-    "dataset": "synthetic-ct", "label_source": "reports", "lang": "ja", "organ": "liver",
-    "label_cols": ["liver_fatty"], "input_kind": "slab", "n_slices": 4, "image_size": 32, "mask_mode": "multiply",
-    "channels": 1, "model_name": "mil:resnet10t", "pretrained": False, "n_splits": 3, "test_fraction": 0.2,
-    "epochs": 10, "batch_size": 8, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine", "patience": 0,
-    "augment": "light", "uncertain": "ignore", "threshold": 0.5, "n_boot": 200, "bn_momentum": 0.5,
-    "model_kwargs": {"channels": [32, 64, 128, 256], "stem_width": 16}, "ema_decay": 0.0, "select": "last",
-}
+# Notebook 04's parameters that do not shape the fold models (where the run goes, the optional label-noise study,
+# the notebook's quality floors); every other parameter does.
+_RUN_CONTROL = ("profile", "seed", "run_dir", "name", "label_noise", "label_noise_params", "min_oof_auc",
+                "min_macro_f1")
+# Parameters of notebook 04 that shape the fold models, with its defaults (the smoke profile, what nbval runs),
+# read from the notebook's parameters cell: declared once. notebooks/profiles/04_kfold.yaml overrides them per
+# profile, so notebooks 05/07 calling ``ensure_kfold`` standalone get the same models notebook 04 would have trained.
+STAGE_DEFAULTS: dict = {k: v for k, v in stage_defaults("04_kfold").items() if k not in _RUN_CONTROL}
 
 
 def stage_params(profile: str = "smoke", **overrides) -> dict:
-    """Stage-04 parameters: smoke defaults < ``notebooks/profiles/04_kfold.yaml[profile]`` < ``overrides``."""
+    """Stage-04 parameters: smoke defaults < ``notebooks/profiles/04_kfold.yaml[profile]`` < ``overrides``; the
+    profile is checked against the declared parameter types first (``lib.params.check_profile``)."""
     import yaml
 
     params = dict(STAGE_DEFAULTS)
     path = config.PROFILES / "04_kfold.yaml"
     if path.exists():
         table = yaml.safe_load(path.read_text()) or {}
-        params.update({k: v for k, v in (table.get(profile) or {}).items() if k in STAGE_DEFAULTS})
+        values = table.get(profile) or {}
+        check_profile("04_kfold", values, path)
+        params.update({k: v for k, v in values.items() if k in STAGE_DEFAULTS})
     unknown = sorted(set(overrides) - set(STAGE_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown k-fold parameter(s) {unknown}; known: {sorted(STAGE_DEFAULTS)}")
@@ -513,26 +519,76 @@ def stage_params(profile: str = "smoke", **overrides) -> dict:
     return params
 
 
-def _jsonable(params: dict) -> dict:
-    import json
+#: Modules whose source is part of a k-fold run's identity (``params.json``): editing them retrains the folds.
+KFOLD_CODE = ("lib.kfold", "lib.train", "lib.models", "lib.datasets", "lib.metrics", "lib.splits", "lib.imageio")
 
-    return json.loads(json.dumps(params, default=str))
+
+def run_params(profile: str = "smoke", seed: int = config.DEFAULT_SEED, **overrides) -> dict:
+    """What identifies a k-fold run (its ``params.json``): ``stage_params``, seed, profile and a digest of the
+    code that trains and scores it (``lib.cache.source_digest``), so a changed trainer never reuses old folds."""
+    return {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile,
+            "code": source_digest(KFOLD_CODE)}
+
+
+def _jsonable(params: dict) -> dict:
+    return to_jsonable(params)
 
 
 def is_complete(out_dir: str | Path, params: dict | None = None) -> bool:
-    """True when ``out_dir`` holds a finished k-fold run (every fold's best.pt and metrics.json, written at the
-    end) and, when ``params`` is given, its ``params.json`` holds exactly these parameters."""
-    import json
-
+    """True when ``out_dir`` holds a finished k-fold run: its ``params.json``, every fold's best.pt and
+    ``metrics.json`` (written at the end); when ``params`` is given, ``params.json`` must hold exactly these
+    parameters. The one definition of a finished run (``find_run``, explanation and export use it)."""
     out_dir = Path(out_dir)
     pfile = out_dir / PARAMS_FILE
     if not pfile.exists() or not (out_dir / "metrics.json").exists():
         return False
-    stored = json.loads(pfile.read_text())
-    n = int(stored.get("n_splits", 0))
+    try:
+        stored = read_json(pfile, "k-fold parameters")
+    except DataError:
+        return False
+    n = int(stored.get("n_splits", 0)) if isinstance(stored, dict) else 0
     if not n or not all((out_dir / f"fold{k}" / "best.pt").exists() for k in range(n)):
         return False
     return params is None or stored == _jsonable(params)
+
+
+def fold_checkpoints(out_dir: str | Path) -> list[Path]:
+    """``out_dir/fold<k>/best.pt`` in numeric fold order (fold10 after fold2)."""
+    found = [p for p in Path(out_dir).glob("fold*/best.pt") if p.parent.name.removeprefix("fold").isdigit()]
+    return sorted(found, key=lambda p: int(p.parent.name.removeprefix("fold")))
+
+
+def finished_runs(run_dir: str | Path) -> list[str]:
+    """Names of the finished k-fold runs (``is_complete``) under ``run_dir/kfold``, sorted."""
+    root = Path(run_dir) / "kfold"
+    return sorted(p.name for p in root.iterdir() if is_complete(p)) if root.is_dir() else []
+
+
+def find_run(run_dir: str | Path, name: str | None = None, checkpoints: Sequence[str | Path] | None = None,
+             profile: str = "smoke", seed: int = config.DEFAULT_SEED, folds: Sequence[int] | None = None
+             ) -> tuple[list[Path], str]:
+    """Fold checkpoints of a finished k-fold run and the run's name: the one reader of stage 04's output for
+    explanation (notebook 05) and export (notebook 07).
+
+    Explicit ``checkpoints`` win. Else ``run_dir/kfold/<name>``: by default the stage's own name when that run
+    is finished or none is, else the first finished one. A run that is not finished (``is_complete``) is made
+    by ``ensure_kfold`` with notebook 04's parameters for ``profile`` and ``seed`` (resumed when interrupted);
+    a finished one is used as it is, whatever its parameters. ``folds`` keeps those fold numbers only.
+    """
+    if checkpoints:
+        paths = [Path(p) for p in checkpoints]
+        return paths, name or paths[0].parent.parent.name
+    finished = finished_runs(run_dir)
+    name = name or (STAGE_NAME if STAGE_NAME in finished or not finished else finished[0])
+    if name not in finished:
+        ensure_kfold(run_dir, profile, seed, name=name)
+    paths = fold_checkpoints(Path(run_dir) / "kfold" / name)
+    if folds is not None:
+        want = {int(k) for k in folds}
+        paths = [p for p in paths if int(p.parent.name.removeprefix("fold")) in want]
+    if not paths:
+        raise DataError(Path(run_dir) / "kfold" / name, f"no fold checkpoints fold*/best.pt (folds {folds})")
+    return paths, name
 
 
 _DATASETS: dict[str, tuple[CachedDataset, str]] = {}  # last decoded dataset per input recipe (one process)
@@ -597,7 +653,7 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
     import shutil
 
     run_dir = config.resolve_run_dir(run_dir, profile)
-    params = {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile}
+    params = run_params(profile, seed, **overrides)
     out = run_dir / "kfold" / name
     if not force and is_complete(out, params):
         if not (out / "confusion.png").exists():
@@ -613,7 +669,7 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
                   flush=True)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(new, indent=1))  # same parameters next time -> resume the folds
+    write_json(stored, new)  # same parameters next time -> resume the folds
     ds, group_col = build_stage_dataset(params, run_dir, profile, seed)
     eval_col = "truth" if "truth" in ds.table and ds.task == "binary" else None
     train_mask = None
@@ -641,7 +697,7 @@ def ensure_kfold(run_dir: str | Path | None = None, profile: str = "smoke", seed
             if pool[0] is not None:
                 pool[0].shutdown()
         noise_summary(ds, train_mask, {"reports": result, "truth": truth_result}, noise_dir)
-        (noise_dir / PARAMS_FILE).write_text(json.dumps(new, indent=1))  # written last: the study is complete
+        write_json(noise_dir / PARAMS_FILE, new)  # written last: the study is complete
     figures(result, ds.task, ds.label_names, params["threshold"])
     return out
 
@@ -658,7 +714,7 @@ def load_result(out_dir: str | Path) -> KFoldResult:
         path = out_dir / name
         return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
 
-    ckpts = sorted(out_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
+    ckpts = fold_checkpoints(out_dir)
     summary = json.loads((out_dir / "metrics.json").read_text())
     return KFoldResult(read("oof.csv"), read("test_predictions.csv"), summary, read("ensembles.csv"), read("logs.csv"),
                        ckpts, out_dir)
@@ -671,9 +727,12 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
     import json
 
     run_dir = config.resolve_run_dir(run_dir, profile)
-    params = {**stage_params(profile, **overrides), "seed": int(seed), "profile": profile}
-    if params["dataset"] != "synthetic-ct":
-        raise ValueError("the label-noise study needs the synthetic cohort (dataset='synthetic-ct'): it has the truth")
+    params = run_params(profile, seed, **overrides)
+    from lib import datasets
+
+    if not datasets.has_truth(params["dataset"]):
+        raise ValueError(f"the label-noise study needs a data set with a ground truth beside its report labels "
+                         f"(dataset='synthetic-ct'), got {params['dataset']!r}")
     main_dir = run_dir / "kfold" / name
     noise_dir = main_dir / "label_noise"
     table_path, pfile = noise_dir / "label_noise.csv", noise_dir / PARAMS_FILE
@@ -695,7 +754,7 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
         folds = pd.read_csv(main_dir / "folds.csv")["fold"].to_numpy()
     table, results = label_noise_study(ds_r, ds_t, noise_dir, cfg, folds=folds, reports_result=reports,
                                        **_run_kwargs(params, group_col))
-    pfile.write_text(json.dumps(_jsonable(params), indent=1))  # written last: marks the study complete
+    write_json(pfile, params)  # written last: marks the study complete
     return table, results
 
 
@@ -758,22 +817,13 @@ def decode_input(source: str, item: dict | str, spec: dict) -> tuple[np.ndarray 
 _PREDICT_CACHE: dict[str, object] = {}  # the last decoded inputs and their per-checkpoint probabilities
 
 
-def _file_key(path: Path) -> list:
-    st = path.stat() if path.exists() else None
-    return [str(path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0]
-
-
 def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases,
                    scheduler: str | None = None) -> tuple[pd.DataFrame, np.ndarray, str]:
     """``_inputs_for`` decoded once per folder content and recipe: predicting with each fold model and with
     their ensemble (notebook 04's predict / merge check) reads the crops once, not once per call."""
-    import hashlib
-    import json
-
     source = Path(source)
     files = sorted(source.rglob("*")) if source.is_dir() else [source]
-    listing = hashlib.sha256(json.dumps([_file_key(f) for f in files if f.is_file()]).encode()).hexdigest()
-    key = json.dumps([listing, spec], default=str, sort_keys=True)
+    key = fingerprint(spec, stamps=[f.resolve() for f in files if f.is_file()])
     if _PREDICT_CACHE.get("key") != key:
         fresh = SkippedCases()
         table, x = _inputs_for(source, spec, fresh, scheduler)
@@ -785,9 +835,7 @@ def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases,
 
 def _cached_probs(ckpt: str | Path, x: np.ndarray, key: str, task: str, device: torch.device) -> np.ndarray:
     """One checkpoint's probabilities on the cached inputs (computed once per checkpoint file and inputs)."""
-    import json
-
-    ckpt_key = json.dumps([_file_key(Path(ckpt)), key, str(device)])
+    ckpt_key = fingerprint([key, str(device)], stamps=[Path(ckpt).resolve()])
     probs = _PREDICT_CACHE.setdefault("probs", {})
     if ckpt_key not in probs:
         model, _ = models.load_checkpoint(ckpt, device)

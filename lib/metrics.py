@@ -12,7 +12,6 @@ Out-of-fold table convention (``oof_columns``): ``fold`` column; binary and mult
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from sklearn.metrics import (
 )
 
 from lib import config
+from lib.io import to_jsonable, write_json
 
 TASKS = ("binary", "multiclass", "multilabel")
 N_BOOT = 1000
@@ -376,25 +376,9 @@ def summarize(y_true, y_prob, task: str, label_names: Sequence[str] | None = Non
     return to_jsonable({"task": task, **out})
 
 
-def to_jsonable(obj):
-    """numpy scalars/arrays -> Python, NaN/inf -> None (strict JSON), tuples -> lists, keys -> str."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [to_jsonable(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def save_metrics(metrics: dict, path: str | Path) -> Path:
     """Write ``metrics.json`` (strict JSON, indented)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(metrics), indent=2, allow_nan=False))
-    return path
+    return write_json(path, metrics, indent=2)
 
 
 def oof_columns(task: str, label_names: Sequence[str]) -> tuple[list[str], list[str]]:

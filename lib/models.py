@@ -1,4 +1,5 @@
-"""Models by name (timm) and the checkpoint format every later stage reads.
+"""Models by name (one factory over timm, MONAI, segmentation-models-pytorch and SliceMIL) and the checkpoint
+format every later stage reads.
 
 Why: training, k-fold, explanation and export all need to rebuild the same network from a file
 alone, so a checkpoint carries the recipe (timm name, channels, classes, task, label names,
@@ -27,28 +28,123 @@ META_KEYS = ("model_name", "in_chans", "num_classes", "task", "label_names", "pr
 TRAIN_STATE_KEYS = ("state_dict", "optimizer", "scheduler", "scaler", "rng", "train_state", "ema")
 
 
+#: Builders by family prefix (``<family>:<name>``); a name without a prefix is timm's. Each takes
+#: ``(name, in_chans, num_classes, pretrained, **kw)`` and returns the network.
+FAMILIES: dict[str, Callable[..., nn.Module]] = {}
+
+#: Spellings that are not model names here, with the name to write instead (create_model's error says it).
+RENAMED = {"monai-unet": "monai:UNet (with spatial_dims=2)",
+           "monai-flexunet": "monai:FlexibleUNet (with spatial_dims=2)",
+           **{arch: f"smp:{arch}-<encoder>, e.g. smp:{arch}-resnet18" for arch in
+              ("fpn", "unet", "unetplusplus", "deeplabv3plus", "linknet", "pspnet", "manet")}}
+
+
+def register_family(prefix: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a model family (timm's ``register_model`` idea, one level up: families, not models)."""
+
+    def add(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if prefix in FAMILIES:
+            raise ValueError(f"model family {prefix!r} already registered")
+        FAMILIES[prefix] = build
+        return build
+
+    return add
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """``(family, name inside the family)`` of a model name: ``timm:resnet10t`` and ``resnet10t`` -> timm;
+    ``monai:resnet10``, ``smp:fpn-resnet18``, ``mil:resnet10t``. A renamed spelling is a ValueError naming the
+    current one."""
+    name = str(name).strip()
+    if name in RENAMED:
+        raise ValueError(f"{name!r} is not a model name: write {RENAMED[name]}")
+    family, sep, rest = name.partition(":")
+    if not sep:
+        return "timm", name
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r} in {name!r}; families: "
+                         f"{', '.join(f'{f}:<name>' for f in FAMILIES)} (a bare name is a timm model)")
+    if not rest:
+        raise ValueError(f"model name {name!r} has no network after {family!r}:")
+    return family, rest
+
+
 def create_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int = 1, pretrained: bool = False,
                  **kw: Any) -> nn.Module:
-    """Any timm classifier by name, with the input channels and outputs set from the data.
+    """The one model factory: a network by name, with the input channels and outputs set from the data.
 
-    ``pretrained=True`` asks the hub for weights (needs network); timm adapts the first conv to ``in_chans``.
-    ``mil:<timm name>`` (e.g. ``mil:resnet10t``) wraps the timm model as a :class:`SliceMIL` over the slices of a
-    ``slab``/``25d`` input (``in_chans`` = slices). ``monai:<net>`` (e.g. ``monai:resnet10``,
-    ``monai:DenseNet121``) builds a MONAI network instead, 3D by
-    default (``spatial_dims`` keyword), for the ``3d`` crop input ``(1, D, H, W)``; those have no pretrained weights.
+    * ``timm:<name>`` or a bare ``<name>``: any timm model (``pretrained=True`` asks the hub for weights and timm
+      adapts the first conv to ``in_chans``);
+    * ``mil:<timm name>``: that timm network as a :class:`SliceMIL` over the slices of a ``slab``/``25d`` input
+      (``in_chans`` = slices);
+    * ``monai:<net>``: a ``monai.networks.nets`` network (``resnet10``, ``DenseNet121``, ``UNet``,
+      ``FlexibleUNet``...), 3D unless ``spatial_dims=2`` is given;
+    * ``smp:<arch>[-<encoder>]``: a segmentation-models-pytorch network (``smp:fpn-resnet18``,
+      ``smp:unet-tu-resnet10t``; the encoder may also be given as ``encoder=``, default ``resnet18``).
     """
-    if name.startswith("mil:"):
-        return SliceMIL(name.split(":", 1)[1], n_slices=in_chans, num_classes=num_classes, pretrained=pretrained, **kw)
-    if name.startswith("monai:"):
-        if pretrained:
-            raise ValueError(f"{name}: pretrained weights are only available for timm models")
-        return _monai_model(name.split(":", 1)[1], in_chans, num_classes, **kw)
+    family, arch = parse_name(name)
+    return FAMILIES[family](arch, in_chans, num_classes, pretrained, **kw)
+
+
+@register_family("timm")
+def _timm_model(name: str, in_chans: int, num_classes: int, pretrained: bool = False, **kw: Any) -> nn.Module:
     import timm
 
     try:
         return timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes, **kw)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ValueError(f"unknown timm model {name!r}: {exc}") from exc
+
+
+@register_family("mil")
+def _mil_model(name: str, in_chans: int, num_classes: int, pretrained: bool = False, **kw: Any) -> nn.Module:
+    return SliceMIL(name, n_slices=in_chans, num_classes=num_classes, pretrained=pretrained, **kw)
+
+
+#: Constructor defaults for MONAI networks whose architecture arguments have none.
+MONAI_DEFAULTS: dict[str, dict[str, Any]] = {"UNet": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2),
+                                                      "num_res_units": 2},
+                                             "FlexibleUNet": {"backbone": "resnet18"}}
+
+
+@register_family("monai")
+def _monai_model(name: str, in_chans: int, num_classes: int, pretrained: bool = False, spatial_dims: int = 3,
+                 **kw: Any) -> nn.Module:
+    """A ``monai.networks.nets`` network, randomly initialised; MONAI's constructors name channels/outputs in two
+    ways."""
+    import inspect
+
+    from monai.networks import nets
+
+    build = getattr(nets, name, None)
+    if build is None or not callable(build):
+        raise ValueError(f"unknown MONAI network {name!r} (a name in monai.networks.nets, e.g. resnet10, UNet)")
+    if pretrained:
+        raise ValueError(f"monai:{name}: no pretrained weights here (use a timm model for pretrained=True)")
+    params = inspect.signature(build).parameters
+    if "in_channels" in params and "out_channels" in params:  # DenseNet, UNet and similar
+        args = {"in_channels": in_chans, "out_channels": num_classes}
+    else:  # ResNet family (resnet10(**kwargs) -> ResNet(n_input_channels, num_classes))
+        args = {"n_input_channels": in_chans, "num_classes": num_classes}
+    kw = {**MONAI_DEFAULTS.get(name, {}), **kw}
+    return build(spatial_dims=spatial_dims, **args, **kw)
+
+
+@register_family("smp")
+def _smp_model(name: str, in_chans: int, num_classes: int, pretrained: bool = False, encoder: str | None = None,
+               **kw: Any) -> nn.Module:
+    """``<arch>[-<encoder>]``: smp architectures have no hyphen, so the first one starts the encoder name."""
+    import segmentation_models_pytorch as smp
+
+    arch, _, suffix = name.partition("-")
+    if suffix and encoder and suffix != encoder:
+        raise ValueError(f"smp:{name}: encoder {suffix!r} in the name and encoder={encoder!r} disagree")
+    archs = sorted(smp.MODEL_ARCHITECTURES_MAPPING)
+    if arch.lower() not in archs:
+        raise ValueError(f"unknown segmentation-models-pytorch architecture {arch!r}; choose from {archs}")
+    return smp.create_model(arch.lower(), encoder_name=suffix or encoder or "resnet18",
+                            encoder_weights="imagenet" if pretrained else None, in_channels=in_chans,
+                            classes=num_classes, **kw)
 
 
 class SliceMIL(nn.Module):
@@ -81,23 +177,6 @@ class SliceMIL(nn.Module):
         feats = self.backbone(x.reshape(b * s, 1, x.shape[2], x.shape[3])).reshape(b, s, -1)
         pooled = feats.amax(dim=1) if self.pool == "max" else feats.mean(dim=1)
         return self.head(pooled)
-
-
-def _monai_model(name: str, in_chans: int, num_classes: int, spatial_dims: int = 3, **kw: Any) -> nn.Module:
-    """A ``monai.networks.nets`` classifier; MONAI's constructors name channels/outputs in two ways."""
-    import inspect
-
-    from monai.networks import nets
-
-    build = getattr(nets, name, None)
-    if build is None or not callable(build):
-        raise ValueError(f"unknown MONAI network {name!r}")
-    params = inspect.signature(build).parameters
-    if "in_channels" in params and "out_channels" in params:  # DenseNet and similar
-        args = {"in_channels": in_chans, "out_channels": num_classes}
-    else:  # ResNet family (resnet10(**kwargs) -> ResNet(n_input_channels, num_classes))
-        args = {"n_input_channels": in_chans, "num_classes": num_classes}
-    return build(spatial_dims=spatial_dims, **args, **kw)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

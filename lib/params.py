@@ -164,6 +164,18 @@ def check_profile(stage: str, values: Mapping[str, Any], source: str | Path) -> 
         raise TypeError(f"{source}: bad parameters for notebook {stage}:\n  " + "\n  ".join(bad))
 
 
+def stage_defaults(stage: str) -> dict[str, Any]:
+    """The defaults of notebook ``stage`` (its ``parameters`` cell, the one place they are written), checked
+    against the declared types: code that runs a stage without its notebook starts from these."""
+    from lib import config
+
+    values = notebook_defaults(config.NOTEBOOKS / f"{stage}.ipynb")
+    bad = problems(stage, values)
+    if bad:
+        raise TypeError(f"notebook {stage} parameters cell of the wrong type:\n  " + "\n  ".join(bad))
+    return values
+
+
 def notebook_defaults(path: str | Path) -> dict[str, Any]:
     """Names and default values of a notebook's ``parameters`` cell (its ``name = <literal>`` lines)."""
     nb = json.loads(Path(path).read_text(encoding="utf-8"))

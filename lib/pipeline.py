@@ -68,6 +68,7 @@ from typing import Any, TextIO
 import yaml
 
 from lib import config, params, report, resources
+from lib.io import write_json
 
 #: Stage graph, by notebook number: the stages whose artefacts each stage reads.
 DAG: dict[str, tuple[str, ...]] = {
@@ -175,7 +176,7 @@ def merge_metrics(run_dir: Path) -> dict:
         if path.parent == run_dir:
             continue
         merged[str(path.parent.relative_to(run_dir))] = json.loads(path.read_text())
-    (run_dir / "metrics.json").write_text(json.dumps(merged, indent=1, default=str))
+    write_json(run_dir / "metrics.json", merged)
     return merged
 
 
@@ -183,11 +184,6 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else ""
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file (temporary file + ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -532,7 +528,7 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
         attempt["wall_s"] = round(time.perf_counter() - t0, 1)
         attempt["runner_cpu_s"] = round(time.process_time() - cpu0, 2)
         _totals(info)
-        _write_json(run_json, info)
+        write_json(run_json, info)
 
     save()  # run.json exists before any stage starts
     nb_dir, log_dir = run_dir / "notebooks", run_dir / "logs"
@@ -727,9 +723,9 @@ def _launch(stage: _Stage, cores: int, run_dir: Path, kernel: str, profile: str,
     for key in ("progress", "result"):
         files[key].unlink(missing_ok=True)
     values = {**profile_parameters(nb, profile), "profile": profile, "seed": seed, "run_dir": str(run_dir)}
-    _write_json(files["spec"], {"notebook": str(nb), "output": str(out_nb), "parameters": values, "kernel": kernel,
-                                "cwd": str(config.NOTEBOOKS), "progress": str(files["progress"]),
-                                "result": str(files["result"]), "parent": os.getpid()})
+    write_json(files["spec"], {"notebook": str(nb), "output": str(out_nb), "parameters": values, "kernel": kernel,
+                               "cwd": str(config.NOTEBOOKS), "progress": str(files["progress"]),
+                               "result": str(files["result"]), "parent": os.getpid()})
     env = {**os.environ, **resources.thread_env(cores), "PYTHONUNBUFFERED": "1"}
     with open(files["log"], "ab") as log:
         stage.proc = subprocess.Popen(_stage_command(files["spec"]), cwd=_REPO, env=env, stdin=subprocess.DEVNULL,
@@ -864,7 +860,7 @@ def _progress_engine(path: Path) -> type:
 
             def report(current: int | None) -> None:
                 with contextlib.suppress(OSError):
-                    _write_json(path, {"done": state["done"], "total": total, "current": current, "at": time.time()})
+                    write_json(path, {"done": state["done"], "total": total, "current": current, "at": time.time()})
 
             def cell_start(cell: Any, cell_index: int | None = None, **kw: Any) -> Any:
                 if cell.cell_type == "code":
@@ -942,7 +938,7 @@ def _run_stage(spec_path: str) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _end_children()
-    _write_json(Path(spec["result"]), result)
+    write_json(Path(spec["result"]), result)
     print(f"[stage] {result['status']}", flush=True)
     return {"ok": 0, "failed": 1}.get(result["status"], 128 + signal.SIGTERM)
 

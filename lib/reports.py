@@ -20,7 +20,6 @@ mention's assertion costs a few binary searches, and evidence keeps offsets, not
 from __future__ import annotations
 
 import bisect
-import hashlib
 import html
 import io
 import json
@@ -37,7 +36,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from lib.io import DataError, SkippedCases
+from lib.cache import fingerprint
+from lib.io import DataError, SkippedCases, write_json
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 LANGS = ("en", "ja")
@@ -1352,13 +1352,6 @@ def read_labels(path: str | Path, columns: Sequence[str] | None = None,
     return df
 
 
-def _fingerprint(paths: list[Path], extra: dict) -> str:
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path | None = None,
                  vocabulary: str = "abdominal-ct", force: bool = False) -> pd.DataFrame:
     """Label ``<cohort>/reports.csv`` and write ``run_dir/labels.csv`` + ``run_dir/evidence.csv``.
@@ -1377,8 +1370,8 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
     if not path.exists():
         raise DataError(path, "file not found (expected a reports.csv with study_id and text columns)")
     vocab = load_vocabulary(vocabulary)
-    key = _fingerprint([path, vocab.path, VOCAB_DIR / "triggers.yaml", Path(__file__)],
-                       {"lang": lang, "vocabulary": str(vocabulary)})
+    key = fingerprint({"lang": lang, "vocabulary": str(vocabulary)}, ("lib.reports",),
+                      files=[path, vocab.path, VOCAB_DIR / "triggers.yaml"])
     meta_path, labels_path, ev_path = run_dir / "labels.json", run_dir / "labels.csv", run_dir / "evidence.csv"
     if (not force and meta_path.exists() and labels_path.exists() and ev_path.exists()
             and json.loads(meta_path.read_text()).get("key") == key):
@@ -1419,10 +1412,9 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
         skipped.save(skip_path)
     elif skip_path.exists():
         skip_path.unlink()
-    meta_path.write_text(json.dumps({"key": key, "cohort": str(cohort_dir), "lang": lang,
-                                     "vocabulary": str(vocabulary), "n_reports": len(out),
-                                     "n_unusable": len(skipped), "encoding": df.attrs.get("encoding", "utf-8")},
-                                    indent=1))
+    write_json(meta_path, {"key": key, "cohort": str(cohort_dir), "lang": lang, "vocabulary": str(vocabulary),
+                           "n_reports": len(out), "n_unusable": len(skipped),
+                           "encoding": df.attrs.get("encoding", "utf-8")})
     return read_labels(labels_path)
 
 

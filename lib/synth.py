@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import ndimage
 
 from lib import config, resources
+from lib.io import write_json
 
 # Organ -> findings. Column names everywhere are f"{organ}_{finding}"; the report vocabulary uses the
 # same keys. "kidney" covers both kidneys (masks kidney_left / kidney_right).
@@ -397,10 +398,9 @@ def generate_cohort(spec: CohortSpec, out: Path, workers: int | None = None) -> 
                                             "diameter_mm", "voxels"])
     les_df.to_csv(out / "ground_truth" / "lesions.csv", index=False)
     write_reports(spec, studies, les_df, out / "reports.csv", out / "ground_truth" / "report_errors.csv")
-    (out / "class_map.json").write_text(json.dumps({str(k): v for k, v in CLASS_MAP.items()}, indent=1))
-    (out / "cohort.json").write_text(json.dumps({"spec": spec_json(spec), "n_studies": len(studies),
-                                                 "n_patients": int(studies.patient_id.nunique())},
-                                                indent=1))
+    write_json(out / "class_map.json", CLASS_MAP)
+    write_json(out / "cohort.json", {"spec": spec_json(spec), "n_studies": len(studies),
+                                     "n_patients": int(studies.patient_id.nunique())})
     return out
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from lib import config
+from lib.io import write_json
 from lib.synth import generator_cli, spec_json
 
 
@@ -200,7 +201,7 @@ def ensure_trus(profile: str = "smoke", seed: int = config.DEFAULT_SEED, root: P
     cols = ["case_id", "patient_id", "image_path", "mask_path", "gland_path", "has_lesion", "lesion_area_px",
             "lesion_contrast", "spacing_mm"]
     pd.DataFrame(rows)[cols].to_csv(out / "index.csv", index=False)
-    meta.write_text(json.dumps({"spec": spec_json(spec), "n_images": len(rows)}, indent=1))
+    write_json(meta, {"spec": spec_json(spec), "n_images": len(rows)})
     return out
 
 

@@ -48,7 +48,8 @@ def timed(batches, step, n_batches: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="synthetic-ct", help="synthetic-ct | brain-mri | cxr | folder | csv")
+    ap.add_argument("--dataset", default="synthetic-ct",
+                    help=" | ".join(datasets.names("03_train")) + " (or an alias) | folder | csv")
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--model", default=models.DEFAULT_MODEL)

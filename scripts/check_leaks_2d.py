@@ -12,17 +12,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import config, splits  # noqa: E402
-from lib.io import SkippedCases  # noqa: E402
-
-SETS = {"brain-mri-tumor": ("brain-mri-tumor",),
-        "cxr-covid-3class": ("cxr-covid-3class", "Covid19-dataset")}
+from lib import config, datasets, splits  # noqa: E402
+from lib.io import DataError, SkippedCases  # noqa: E402
 
 
-def check(name: str, parts: tuple[str, ...], threshold: int, n_splits: int, seed: int, show: bool) -> bool:
-    root = config.shared_path(*parts)
-    if not root.exists():
-        print(f"{name}: not found at {root} (skipped)")
+def check(name: str, threshold: int, n_splits: int, seed: int, show: bool) -> bool:
+    try:
+        _, root = datasets.locate(name)
+    except DataError as exc:
+        print(f"{name}: {exc} (skipped)")
         return True
     skipped = SkippedCases()
     table = splits.image_folder_table(root, threshold=threshold, skipped=skipped)
@@ -59,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
     ap.add_argument("--show", action="store_true", help="list every duplicate group")
     args = ap.parse_args(argv)
-    ok = all([check(name, parts, args.threshold, args.folds, args.seed, args.show) for name, parts in SETS.items()])
+    sets = [n for n in datasets.names() if datasets.get(n).kind == "2d" and datasets.get(n).group_col == "group"]
+    ok = all([check(name, args.threshold, args.folds, args.seed, args.show) for name in sets])
     return 0 if ok else 1
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import config, kfold  # noqa: E402
+from lib import config, datasets, kfold  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dataset", choices=["brain-mri", "cxr-3class"])
+    ap.add_argument("dataset", help="a registered 2D set: " + " | ".join(
+        n for n in datasets.names("04_kfold") if datasets.get(n).kind == "2d"))
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--folds", type=int, default=5)
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.shared_path().exists():
         print(f"shared data not found at {config.shared_path()}")
         return 2
+    args.dataset = datasets.get(args.dataset, "04_kfold").name  # aliases accepted; unknown names say what is close
     t0 = time.perf_counter()
     # one folder per dataset, model, size and epochs: another setting never replaces a finished one
     name = f"{args.dataset}-{args.model}-{args.size}px-{args.epochs}ep"

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import crop
+from lib import config, crop
 from tests.conftest import shared
 
 # An oblique-free but awkward grid: x flipped, y/z swapped, anisotropic spacing, odd origin (not RAS).
@@ -432,7 +432,7 @@ def test_open_cases_verify_overlay_and_sizes(tmp_path, smoke_cohort, monkeypatch
     assert sizes.loc[("npz sample", cases.case_id[0], "liver")].z_mm == pytest.approx(nii.z_mm, rel=1e-3)
     # relative dataset paths resolve against the repository when run from notebooks/
     monkeypatch.chdir(crop.config.NOTEBOOKS)
-    assert crop.data_path("data/README.md") == (crop.config.ROOT / "data" / "README.md").resolve()
+    assert config.data_path("data/README.md") == (config.ROOT / "data" / "README.md").resolve()
 
 
 def test_ensure_crops_writes_the_stage_contract(tmp_path):
@@ -469,3 +469,27 @@ def test_dilate_mm_ball_equals_distance_transform(spacing, mm):
     exact = ndimage.distance_transform_edt(~mask, sampling=spacing) <= mm
     np.testing.assert_array_equal(crop.dilate_mm(mask, spacing, mm), exact)
     assert crop.ball_mm(spacing, mm).sum() > 1
+
+
+@pytest.mark.parametrize("labels", [{"background": 0, "spleen": 1, "liver": 5},  # nnU-Net v2: name -> label
+                                    {"0": "background", "1": "spleen", "5": "liver"}],  # v1 / MSD: label -> name
+                         ids=["nnunet-v2", "nnunet-v1"])
+def test_eda_opens_the_nnunet_folder_that_crop_crops(tmp_path, labels):
+    """Notebook 00 and notebook 02 read a folder through one case table and one class-map reader."""
+    from lib import eda
+
+    nn = tmp_path / "Dataset002_Abd"
+    for case in ("abd_001", "abd_002"):
+        _save(_ramp().astype(np.int16), nn / "imagesTr" / f"{case}_0000.nii.gz")
+        _save(_labels(), nn / "labelsTr" / f"{case}.nii.gz")
+    (nn / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels}))
+    ds = eda.open_dataset(nn)
+    assert ds.class_map == {1: "spleen", 5: "liver"} == crop.load_class_map(nn / "dataset.json")
+    assert ds.cases.case_id.tolist() == ["abd_001", "abd_002"] and ds.name == nn.name
+    cases_stats, organs, skipped = eda.case_statistics(ds, ["liver", "spleen"])
+    assert len(cases_stats) == 2 and not len(skipped)
+    assert organs.set_index(["case_id", "structure"]).loc[("abd_001", "liver"), "voxels"] == _box_mask().sum()
+    cases, root = crop.open_cases(nn)
+    assert root == nn and cases.case_id.tolist() == ds.cases.case_id.tolist()
+    index, skipped = crop.crop_cohort(cases, ["liver", "spleen"], tmp_path / "crops", progress=False)
+    assert skipped.empty and sorted(index.structure.unique()) == ["liver", "spleen"] and len(index) == 4

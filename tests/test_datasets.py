@@ -85,7 +85,7 @@ def test_empty_dataset_and_missing_files_are_clear_errors(tmp_path: Path) -> Non
         datasets.csv_dataset(tmp_path / "none.csv")
     with pytest.raises(DataError, match="labels file not found"):
         datasets.load_labels("reports", tmp_path)
-    with pytest.raises(ValueError, match="image folder or a CSV"):
+    with pytest.raises(ValueError, match="existing folder or CSV file"):
         datasets.build_dataset("no-such-dataset")
 
 

@@ -361,23 +361,6 @@ def test_case_subset_keeps_held_out_studies(tmp_path):
         explain.case_subset(cases, "train", tmp_path)
 
 
-def test_find_checkpoints_uses_finished_runs_and_selects_folds(tmp_path):
-    """A finished k-fold run is used as it is (never retrained here); ``folds`` keeps a subset, in fold order."""
-    root = tmp_path / "kfold" / "model"
-    for k in (0, 1, 10, 2):
-        (root / f"fold{k}").mkdir(parents=True)
-        (root / f"fold{k}" / "best.pt").write_bytes(b"x")
-    (root / "metrics.json").write_text("{}")
-    paths, name = explain.find_checkpoints(tmp_path)
-    assert name == "model" and [p.parent.name for p in paths] == ["fold0", "fold1", "fold2", "fold10"]
-    paths, _ = explain.find_checkpoints(tmp_path, folds=[2, 0])
-    assert [p.parent.name for p in paths] == ["fold0", "fold2"]
-    with pytest.raises(DataError, match="no fold checkpoints"):
-        explain.find_checkpoints(tmp_path, folds=[7])
-    with pytest.raises(DataError, match="no fold checkpoints"):
-        explain.load_ensemble([])
-
-
 def test_overlay_png_and_gallery(trained, tmp_path):
     model, xt, yt, masks = trained
     e = explain.Explainer(model)

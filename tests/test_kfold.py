@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 from lib import config, kfold, metrics, models, splits, train
 from lib.datasets import CachedDataset, image_spec
 from lib.io import DataError
+from tests.conftest import shared
 
 SEED = 7
 MODEL = "test_resnet"  # timm's tiny test network: same code path as resnet10t, a fraction of the time
@@ -334,3 +335,60 @@ def test_oof_by_finding_scores_each_finding_against_normal_organs() -> None:
     table = by_finding(oof, truth, "liver").set_index("finding")
     assert table.loc["cyst", "auc"] == 1.0 and table.loc["mass", "auc"] == 0.5  # 0.2 ranks between 0.1 and 0.4
     assert table.loc["fatty", "positives"] == 0 and np.isnan(table.loc["fatty", "auc"])
+
+
+def _fake_run(out: Path, n_folds: int, finished: bool = True) -> Path:
+    """The files that make a k-fold run finished (``is_complete``), with dummy checkpoints."""
+    for k in range(n_folds):
+        (out / f"fold{k}").mkdir(parents=True, exist_ok=True)
+        (out / f"fold{k}" / "best.pt").write_bytes(b"x")
+    (out / "params.json").write_text(json.dumps({"n_splits": n_folds}))
+    if finished:
+        (out / "metrics.json").write_text("{}")
+    return out
+
+
+def test_find_run_uses_finished_runs_in_fold_order_and_selects_folds(tmp_path: Path, monkeypatch) -> None:
+    """One reader for explanation and export: finished = params.json + every fold's best.pt + metrics.json."""
+    monkeypatch.setattr(kfold, "ensure_kfold", lambda *a, **kw: pytest.fail("a finished run is never retrained"))
+    _fake_run(tmp_path / "kfold" / "model", 11)
+    paths, name = kfold.find_run(tmp_path)
+    assert name == "model" and [p.parent.name for p in paths] == [f"fold{k}" for k in range(11)]  # numeric order
+    paths, _ = kfold.find_run(tmp_path, folds=[10, 2])
+    assert [p.parent.name for p in paths] == ["fold2", "fold10"]
+    with pytest.raises(DataError, match="no fold checkpoints"):
+        kfold.find_run(tmp_path, folds=[70])
+    explicit = [tmp_path / "x" / "fold0" / "best.pt"]
+    assert kfold.find_run(tmp_path, checkpoints=explicit) == (explicit, "x")
+
+
+def test_find_run_trains_only_unfinished_runs_with_the_default_seed(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def fake_ensure(run_dir, profile, seed, name=kfold.STAGE_NAME, **kw):
+        calls.append((profile, seed, name))
+        return _fake_run(Path(run_dir) / "kfold" / name, 2)
+
+    monkeypatch.setattr(kfold, "ensure_kfold", fake_ensure)
+    _fake_run(tmp_path / "kfold" / "model", 2, finished=False)  # interrupted: no metrics.json
+    _fake_run(tmp_path / "kfold" / "other", 3, finished=False)
+    (tmp_path / "kfold" / "other" / "fold2" / "best.pt").unlink()  # a fold missing
+    assert kfold.finished_runs(tmp_path) == []
+    paths, name = kfold.find_run(tmp_path, profile="demo")
+    assert name == "model" and len(paths) == 2 and calls == [("demo", config.DEFAULT_SEED, "model")]
+    kfold.find_run(tmp_path, profile="demo")
+    assert len(calls) == 1, "finished now: stage 04 is not asked again"
+    assert kfold.finished_runs(tmp_path) == ["model"]
+
+
+def test_predict_source_takes_every_registered_name_and_alias(tmp_path: Path) -> None:
+    from lib import datasets
+
+    assert kfold.predict_source("synthetic", tmp_path) == kfold.predict_source("synthetic-ct", tmp_path) \
+        == tmp_path / "crops"
+    assert kfold.predict_source("cxr", tmp_path) == shared("cxr-covid-3class", "Covid19-dataset")
+    assert kfold.predict_source("brain", tmp_path) == shared("brain-mri-tumor") == datasets.locate("brain")[1]
+    with pytest.raises(ValueError, match="Did you mean 'cxr-3class'"):
+        kfold.predict_source("cxr-3clas", tmp_path)
+    with pytest.raises(ValueError, match="not used by stage 04_kfold"):
+        kfold.predict_source("trus", tmp_path)

@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lib import config, export, imageio, models, serve
-from lib.io import DataError
 from tests.conftest import shared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +249,7 @@ def test_export_run_crop_model_serves_what_it_trained_on(tmp_path: Path) -> None
                                meta)
     (run / "kfold" / "m" / "metrics.json").write_text(json.dumps({"pooled": {"auc": 0.71, "auc_ci": [0.5, 0.9]},
                                                                   "n_splits": 2}))
+    (run / "kfold" / "m" / "params.json").write_text(json.dumps({"n_splits": 2}))  # a finished run: kfold.is_complete
     out = export.export_run(run, profile="smoke")
     exp = run / "export" / "m"
     assert out["kfold_name"] == "m" and out["n_models"] == 2 and out["run_id"] == "run"
@@ -293,29 +293,6 @@ def test_predict_proba_dicom_series_and_default_model(export_dir: Path, monkeypa
     monkeypatch.setattr(config, "OUTPUTS", export_dir.parents[1])  # the newest export/<name> below OUTPUTS
     assert serve.latest_export() == export_dir
     assert serve.predict_proba(series) == pytest.approx(p, abs=1e-6)
-
-
-def test_find_fold_checkpoints_calls_stage04_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lib import kfold
-
-    calls = []
-
-    def fake_ensure(run_dir: Path, profile: str, seed: int, **kw: object) -> Path:
-        calls.append((profile, seed, kw))
-        for k in (1, 0, 10):  # numeric fold order, not text order
-            (Path(run_dir) / "kfold" / "model" / f"fold{k}").mkdir(parents=True, exist_ok=True)
-            (Path(run_dir) / "kfold" / "model" / f"fold{k}" / "best.pt").write_bytes(b"x")
-        return Path(run_dir) / "kfold" / "model"
-
-    monkeypatch.setattr(kfold, "ensure_kfold", fake_ensure)
-    paths, name = export.find_fold_checkpoints(tmp_path, profile="demo", seed=7)
-    assert name == "model" and calls == [("demo", 7, {})]
-    assert [p.parent.name for p in paths] == ["fold0", "fold1", "fold10"]
-    export.find_fold_checkpoints(tmp_path, profile="demo", seed=7)
-    assert len(calls) == 1  # present now: stage 04 is not asked again
-    monkeypatch.setattr(kfold, "ensure_kfold", lambda **kw: None)  # stage 04 produced nothing: a clear error
-    with pytest.raises(DataError, match="no fold checkpoints"):
-        export.find_fold_checkpoints(tmp_path / "empty", name="other")
 
 
 @pytest.fixture(scope="module")
