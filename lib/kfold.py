@@ -188,8 +188,9 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
     with an equal share of the torch threads; a fold's numbers do not depend on which process trained it.
     ``pool`` (a ``fold_pool``) lets several runs share the workers. ``trainer`` (module-level, ``train_one``'s
     signature plus ``trainer_kwargs``) trains a fold instead of ``train_one``; ``only_folds`` trains and scores
-    those folds alone (a quick ablation; the other folds still train them). A ``segmentation`` dataset (masks as
-    ``y``) is scored per image by ``lib.metrics.overlap_frame`` and its maps are kept in ``result.maps``.
+    those folds alone (a quick ablation; the rows of the other folds are still training data). A
+    ``segmentation`` dataset (masks as ``y``) is scored per image by ``lib.metrics.overlap_frame`` and its maps
+    are kept in ``result.maps``.
     Writes ``oof.csv``,
     ``test_predictions.csv``, ``metrics.json``, ``ensembles.csv`` and ``logs.csv``.
     """
