@@ -181,16 +181,6 @@ document.getElementById('form').addEventListener('submit', async (ev) => {
 """
 
 
-def load_segmenter(export_dir: str | Path) -> tuple[Any, dict]:
-    """A segmentation export (``lib.segmentation.onnx_export``) as an ONNX Runtime session + its recipe.
-
-    ``lib.segmentation.infer`` runs the training preprocessing without torch, so the service stays torch-free.
-    """
-    from lib.segmentation import infer
-
-    return infer.load_segmenter(Path(export_dir))
-
-
 def decode_error(exc: BaseException, what: str = "use") -> HTTPException:
     """The HTTP answer for a file that could not be decoded: 413 too large, 415 not a type we read, else 400.
 
@@ -233,7 +223,9 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
                            "error": None if segmenter_dir else "no segmentation model (start with --segmenter)"}
     if segmenter_dir:
         try:
-            seg["session"], seg["meta"] = load_segmenter(segmenter_dir)
+            from lib.segmentation import infer  # the training preprocessing, without torch
+
+            seg["session"], seg["meta"] = infer.load_segmenter(Path(segmenter_dir))
         except (DataError, OSError, ValueError, RuntimeError) as exc:
             seg["error"] = str(exc)
             log.error("segmentation model not loaded: %s", exc)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     pre = segprep.Preprocess(size=args.size, denoise=args.denoise)
     raw = segdata.RawSet([i[None] for i in imgs], list(masks),
                          pd.DataFrame({"case_id": range(len(imgs)), "group": 0}), ["bmode"])
-    data = segdataset.prepare(raw, pre)
+    data = segdataset.prepare_dataset(raw, pre)
     print(f"{args.model}/{args.encoder} input 1x{args.size}x{args.size}, batch {args.batch}, "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}")
 

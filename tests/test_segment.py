@@ -238,7 +238,7 @@ def trained(tmp_path_factory):
     """A tiny MONAI U-Net trained one fold for two epochs through lib.train.fit (seconds on CPU)."""
     root = tmp_path_factory.mktemp("seg")
     trus = st.ensure_trus("smoke", root=root / "trus", n_patients=4, images_per_patient=2, size=48)
-    data = sds.prepare(sdata.load_trus(trus), spre.Preprocess(size=32))
+    data = sds.prepare_dataset(sdata.load_trus(trus), spre.Preprocess(size=32))
     cfg = strain.SegConfig(model="monai-unet", epochs=2, batch_size=4, n_splits=2, resume=False, n_boot=200)
     res = strain.cross_validate(data, cfg, root / "run", folds=[0])
     return root, trus, data, res

@@ -26,8 +26,8 @@ import pandas as pd
 from lib import config
 from lib.io import DataError, SkippedCases
 
-DATASETS = ("trus", "ms-lesion", "ct-organs")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
+SEGMENTATION_SETS = ("trus", "ms-lesion", "ct-organs")
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
 MS_MODALITIES = ("FLAIR", "T1", "T2")
 MS_ROOT = ("ms-lesion-mri", "cross_sectional", "MNI")
 
@@ -161,7 +161,7 @@ def _evenly(ks: np.ndarray, n: int | None) -> np.ndarray:
     return ks[np.linspace(0, len(ks) - 1, n).round().astype(int)] if n and len(ks) > n else ks
 
 
-def _finish(images: list, masks: list, rows: list, channels: list[str], skipped: SkippedCases, where: Path,
+def _raw_set(images: list, masks: list, rows: list, channels: list[str], skipped: SkippedCases, where: Path,
             what: str, window: tuple[float, float] | None = None) -> RawSet:
     if not images:
         raise DataError(where, f"no usable {what} ({len(skipped)} skipped)")
@@ -244,7 +244,7 @@ def load_ms_lesion(root: str | Path | None = None, patients: Sequence[str] | Non
             masks.append(mask[k])
             rows.append({"case_id": f"{d.name}_z{int(k):03d}", "group": d.name, "patient_id": d.name,
                          "slice": int(k), "lesion_area_px": int(masks[-1].sum()), "spacing_mm": 1.0})
-    return _finish(images, masks, rows, list(modalities), skipped, root, "MS-lesion patients")
+    return _raw_set(images, masks, rows, list(modalities), skipped, root, "MS-lesion patients")
 
 
 def load_ct_organs(cohort: str | Path, structure: str = "liver", window: tuple[float, float] = (50.0, 400.0),
@@ -279,7 +279,7 @@ def load_ct_organs(cohort: str | Path, structure: str = "liver", window: tuple[f
             rows.append({"case_id": f"{st.study_id}_z{int(k):03d}", "group": st.patient_id,
                          "patient_id": st.patient_id, "study_id": st.study_id, "slice": int(k),
                          "lesion_area_px": int(masks[-1].sum()), "spacing_mm": spacing})
-    return _finish(images, masks, rows, ["ct"], skipped, cohort, "CT studies", window=tuple(window))
+    return _raw_set(images, masks, rows, ["ct"], skipped, cohort, "CT studies", window=tuple(window))
 
 
 def load_ct_crops(crops_dir: str | Path, structure: str = "liver", target: str = "organ", mode: str = "bbox",
@@ -319,12 +319,12 @@ def load_ct_crops(crops_dir: str | Path, structure: str = "liver", target: str =
             rows.append({"case_id": f"{r.case_id}_{structure}_s{int(k):02d}", "group": str(r.patient_id),
                          "patient_id": str(r.patient_id), "study_id": str(r.case_id), "slice": int(k),
                          "lesion_area_px": int(m[k].sum()), "spacing_mm": spacing})
-    return _finish(images, masks, rows, ["ct"], skipped, crops_dir, "crops")
+    return _raw_set(images, masks, rows, ["ct"], skipped, crops_dir, "crops")
 
 
 def load_dataset(name: str = "trus", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
                  run_dir: str | Path | None = None, **kw: Any) -> RawSet:
-    """One of ``DATASETS`` by name; synthetic sets are generated (cached) for ``profile`` and ``seed``.
+    """One of ``SEGMENTATION_SETS`` by name; synthetic sets are generated (cached) for ``profile`` and ``seed``.
 
     ``ct-organs`` reads notebook 02's crops in ``run_dir/crops`` (made by ``lib.crop.ensure_crops`` when
     missing); ``source='cohort'`` takes whole axial slices from the cohort NIfTIs instead. Extra keywords go
@@ -348,7 +348,7 @@ def load_dataset(name: str = "trus", profile: str = "smoke", seed: int = config.
 
             ensure_crops(run, profile, seed)
         return load_ct_crops(run / "crops", **kw)
-    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    raise ValueError(f"dataset must be one of {SEGMENTATION_SETS}, got {name!r}")
 
 
 def write_demo_inputs(raw: RawSet, folder: str | Path, n: int = 3, corrupt: bool = True) -> list[Path]:

@@ -22,7 +22,7 @@ from lib.segmentation.data import RawSet
 from lib.segmentation.preprocess import Preprocess, preprocess_image, preprocess_mask
 
 
-def prepare(raw: RawSet, pre: Preprocess, target: str = "lesion") -> CachedDataset:
+def prepare_dataset(raw: RawSet, pre: Preprocess, target: str = "lesion") -> CachedDataset:
     """Preprocess every image/mask pair of a raw set into tensors; the recipe (``Preprocess`` with the set's CT
     window, plus the channel names) travels in ``preprocessing`` into every checkpoint."""
     p = pre if raw.window is None else replace(pre, window=raw.window)

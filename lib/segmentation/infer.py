@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lib.io import DataError, SkippedCases
-from lib.segmentation.data import IMAGE_SUFFIXES, file_suffix, read_image_2d, slices_to_volume, volume_slices
+from lib.segmentation.data import INPUT_SUFFIXES, file_suffix, read_image_2d, slices_to_volume, volume_slices
 from lib.segmentation.preprocess import Preprocess, as_chw, preprocess_image, restore_probability
 
 ONNX_META_KEY = "mednb_segment"  # key of the JSON recipe stored in model.onnx's metadata_props
@@ -66,7 +66,7 @@ def meta_of(session_or_model: Any) -> dict | None:
     return getattr(session_or_model, "mednb_meta", None)
 
 
-def probabilities(session_or_model: Any, x: np.ndarray) -> np.ndarray:
+def network_probabilities(session_or_model: Any, x: np.ndarray) -> np.ndarray:
     """Foreground probabilities ``(N, S, S)`` of prepared inputs ``(N, C, S, S)`` (ORT session or torch model)."""
     if _is_session(session_or_model):
         name = session_or_model.get_inputs()[0].name
@@ -90,7 +90,7 @@ def segment_probability(session_or_model: Any, image: np.ndarray, meta: dict | N
     if not np.isfinite(a).all():
         raise ValueError("image has NaN/inf pixels")
     x, geom = preprocess_image(a, pre)
-    return restore_probability(probabilities(session_or_model, x[None])[0], geom)
+    return restore_probability(network_probabilities(session_or_model, x[None])[0], geom)
 
 
 def segment_array(session_or_model: Any, image: np.ndarray, meta: dict | None = None,
@@ -223,7 +223,7 @@ def predict_folder(model_path: str | Path, input_dir: str | Path, out_dir: str |
     if fmt not in ("auto", "png", "nifti"):
         raise ValueError(f"format must be auto|png|nifti, got {fmt!r}")
     segmenter, meta = load_segmenter(model_path)
-    files = sorted(p for p in input_dir.rglob("*") if p.is_file() and file_suffix(p) in IMAGE_SUFFIXES)
+    files = sorted(p for p in input_dir.rglob("*") if p.is_file() and file_suffix(p) in INPUT_SUFFIXES)
     rows, skipped = [], SkippedCases()
     for p in files:
         try:

@@ -80,7 +80,7 @@ def plot_denoisers(image: np.ndarray, pre: Preprocess, filters: Sequence[str], p
     return _save(fig, path, 110)
 
 
-def pick_cases(oof: pd.DataFrame, metric: str = "dice", lesion_only: bool = True) -> pd.DataFrame:
+def pick_overlay_cases(oof: pd.DataFrame, metric: str = "dice", lesion_only: bool = True) -> pd.DataFrame:
     """Best, median and worst validated cases by ``metric`` (among images with a lesion when asked)."""
     df = oof[oof.has_lesion == 1] if lesion_only and oof.has_lesion.any() else oof
     df = df.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)

@@ -127,7 +127,7 @@ def resize(arr: np.ndarray, size: Sequence[int], mode: str = "bilinear") -> np.n
                      anti_aliasing=h < arr.shape[-2] or w < arr.shape[-1]).astype(np.float32)
 
 
-def normalise(x: np.ndarray, how: str) -> np.ndarray:
+def normalise_channels(x: np.ndarray, how: str) -> np.ndarray:
     """Per channel: ``minmax`` to [0, 1] (a constant channel -> 0), ``zscore`` (a constant channel -> 0), ``none``."""
     if how == "none":
         return x.astype(np.float32)
@@ -148,7 +148,7 @@ def preprocess_image(image: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, di
     y0, y1, x0, x1 = fov_box(image, pre)
     crop = image[:, y0:y1, x0:x1]
     chans = [denoise(scale01(c, pre.window), pre.denoise, pre.denoise_iterations, pre.conductance) for c in crop]
-    x = normalise(resize(np.stack(chans), (pre.size, pre.size), "bilinear"), pre.normalise)
+    x = normalise_channels(resize(np.stack(chans), (pre.size, pre.size), "bilinear"), pre.normalise)
     return x, {"shape": [int(v) for v in image.shape[-2:]], "box": [y0, y1, x0, x1]}
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from lib import config, kfold, metrics, train
 from lib.datasets import CachedDataset
 from lib.segmentation.data import RawSet
-from lib.segmentation.dataset import SegDataset, prepare
+from lib.segmentation.dataset import SegDataset, prepare_dataset
 from lib.segmentation.model import DEFAULT_ENCODER, DEFAULT_MODEL, build_model, make_seg_loss
 from lib.segmentation.preprocess import Preprocess
 
@@ -169,7 +169,7 @@ def denoise_ablation(raw: RawSet, pre: Preprocess, cfg: SegConfig, filters: Sequ
     frames = []
     for f in filters:
         t0 = time.perf_counter()
-        data = prepare(raw, replace(pre, denoise=f), target)
+        data = prepare_dataset(raw, replace(pre, denoise=f), target)
         prep_s = time.perf_counter() - t0
         if reuse is not None and f == pre.denoise and set(folds) <= set(reuse.oof.fold):
             oof = reuse.oof[reuse.oof.fold.isin(list(folds))]
