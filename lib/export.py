@@ -394,3 +394,11 @@ def _median_ms(fn, n: int, warmup: int) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1000)
     return float(np.median(times))
+
+
+if __name__ == "__main__":  # python -m lib.export: the same command as ``mednb export``
+    import sys
+
+    from lib.cli import main
+
+    raise SystemExit(main(["export", *sys.argv[1:]]))

@@ -588,3 +588,11 @@ def evaluate_rows(model: nn.Module, ds, idx: np.ndarray, eval_cols: dict[str, st
             y = y.long() if ds.task == "multiclass" else y.float().reshape(len(idx), -1)
         rows.append({"labels": name, "n": len(idx), **score(logits, y)})
     return pd.DataFrame(rows).set_index("labels")
+
+
+if __name__ == "__main__":  # python -m lib.train: the same command as ``mednb train``
+    import sys
+
+    from lib.cli import main
+
+    raise SystemExit(main(["train", *sys.argv[1:]]))
