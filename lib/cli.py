@@ -164,15 +164,24 @@ def crop(input_dir: Path | None, imagedir: Path | None, maskdir: Path | None, ou
 @click.option("--name", default="model", show_default=True, help="sub-folder of <out>/train/")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="brain-mri / cxr: folder instead of the shared data")
-@click.option("--model", "model_name", default="resnet10t", show_default=True, help="timm or monai:<name> model")
+@click.option("--model", "model_name", default="resnet10t", show_default=True,
+              help="timm name, mil:<timm>, monai:<net>, or your own file: path/net.py:factory")
 @click.option("--input-kind", type=click.Choice(["2d", "25d", "slab", "3d"]), default="slab", show_default=True)
 @click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
-@click.option("--optimizer", default="adamw", show_default=True, help="optimizer name")
+@click.option("--optimizer", default="adamw", show_default=True,
+              help="adamw | adam | sgd, or any torch.optim optimizer by name (RMSprop, NAdam...)")
+@click.option("--loss", default="auto", show_default=True,
+              help="auto | cross-entropy | bce | focal | label-smoothing")
+@click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also keep epoch<N>.pt every N epochs (0: off)")
+@click.option("--extend", is_flag=True, help="continue a finished run in --out to more --epochs")
 @click.option("--scheduler", type=click.Choice(["cosine", "plateau", "none"]), default="cosine", show_default=True)
-@click.option("--augment", default="light", show_default=True, help="none | light | medium | elastic")
+@click.option("--augment", default="light", show_default=True,
+              help="preset none | light | medium | elastic, or flags joined by '+': "
+                   "flip, rotate, brightness, contrast, sharpness, equalize, invert")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25,
               show_default=True)
 @click.option("--label-source", type=click.Choice(["reports", "truth"]), default="reports", show_default=True,
@@ -181,9 +190,13 @@ def crop(input_dir: Path | None, imagedir: Path | None, maskdir: Path | None, ou
 @_PROFILE
 @_SEED
 def train(dataset: str, run_dir: Path, name: str, data_root: Path | None, model_name: str, input_kind: str,
-          image_size: int, epochs: int, batch_size: int, lr: float, optimizer: str, scheduler: str, augment: str,
-          val_fraction: float, label_source: str, organ: str | None, profile: str, seed: int) -> None:
-    """Train one classifier with a grouped hold-out split, as notebook 03 does."""
+          image_size: int, epochs: int, batch_size: int, lr: float, optimizer: str, loss: str, save_every: int,
+          extend: bool, scheduler: str, augment: str, val_fraction: float, label_source: str, organ: str | None,
+          profile: str, seed: int) -> None:
+    """Train one classifier with a grouped hold-out split, as notebook 03 does.
+
+    Re-running with the same --out and --name resumes only when every setting is the same; otherwise it stops
+    and names the changed settings (use another --name for a new run, or --extend for more epochs)."""
     from lib import datasets
     from lib import train as tr
 
@@ -193,8 +206,9 @@ def train(dataset: str, run_dir: Path, name: str, data_root: Path | None, model_
     out_dir = run_dir / "train" / name
     ds.skipped.save(out_dir / "skipped_dataset.csv")
     tr_idx, va_idx = datasets.holdout_split(ds, group_col, val_fraction, seed)
-    cfg = tr.TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, scheduler=scheduler, seed=seed,
-                         monitor="macro_f1" if ds.task == "multiclass" else "auc", resume=True)
+    cfg = tr.TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, loss=loss, save_every=save_every, extend=extend,
+                         scheduler=scheduler, seed=seed, monitor="macro_f1" if ds.task == "multiclass" else "auc",
+                         resume=True)
     _, log = tr.train_classifier(ds, tr_idx, va_idx, out_dir, cfg, model_name, augment, batch_size)
     best = log.loc[log[cfg.monitor].idxmax()]
     click.echo(f"{len(ds)} samples ({len(tr_idx)} train / {len(va_idx)} val); best {cfg.monitor} "

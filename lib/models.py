@@ -36,7 +36,12 @@ def create_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int 
     ``slab``/``25d`` input (``in_chans`` = slices). ``monai:<net>`` (e.g. ``monai:resnet10``,
     ``monai:DenseNet121``) builds a MONAI network instead, 3D by
     default (``spatial_dims`` keyword), for the ``3d`` crop input ``(1, D, H, W)``; those have no pretrained weights.
+    ``path/net.py:factory`` calls ``factory(in_chans=, num_classes=)`` from a user's file (``lib.recipes``).
     """
+    from lib import recipes
+
+    if recipes.is_model_file(name):  # "net.py:factory": a user's own network
+        return recipes.model_from_file(name, in_chans, num_classes, **kw)
     if name.startswith("mil:"):
         return SliceMIL(name.split(":", 1)[1], n_slices=in_chans, num_classes=num_classes, pretrained=pretrained, **kw)
     if name.startswith("monai:"):

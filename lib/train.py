@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from lib import config
+from lib import config, recipes
 from lib.models import read_checkpoint, save_checkpoint, to_channels_last, unwrap
 
 UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
@@ -53,10 +53,12 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: validate and checkpoint an exponential moving average of the weights (timm)
     select: str = "best"  # weights shipped as best.pt: best on the monitor | last epoch (no selection on val)
     save_every: int = 0  # > 0: also keep epoch<N>.pt every this many epochs
+    loss: str = "auto"  # auto (BCE / cross-entropy) | cross-entropy | bce | focal | label-smoothing (lib.recipes)
     extend: bool = False  # resume a run saved with fewer epochs, stretching its schedule to ``epochs``
 
     def __post_init__(self) -> None:
         self.optimizer = optimizer_name(self.optimizer)
+        self.loss = recipes.loss_name(self.loss)
         if self.scheduler not in ("cosine", "plateau", "none"):
             raise ValueError(f"scheduler must be cosine|plateau|none, got {self.scheduler!r}")
         if self.mode not in ("max", "min"):
@@ -586,20 +588,24 @@ def plot_curves(log: pd.DataFrame, path: str | Path | None = None, metrics: list
 # ----------------------------------------------------------------------------- classifiers on a CachedDataset
 
 
-def loss_for(ds, idx: np.ndarray, uncertain: str = "ignore") -> Callable[[Tensor, Tensor], Tensor]:
-    """The task's loss with imbalance weights computed from the training rows ``idx`` only (no peeking at val)."""
+def loss_for(ds, idx: np.ndarray, uncertain: str = "ignore", loss: str = "auto") -> Callable[[Tensor, Tensor], Tensor]:
+    """The task's loss (or ``loss`` by name, :func:`lib.recipes.named_loss`) with imbalance weights computed from
+    the training rows ``idx`` only (no peeking at val)."""
     y = ds.y[np.asarray(idx, dtype=int)].numpy()
+    weight = class_weights(y, len(ds.label_names)) if ds.task == "multiclass" else positive_weights(y, uncertain)
+    named = recipes.named_loss(loss, ds.task, weight, uncertain)
+    if named is not None:
+        return named
     if ds.task == "multiclass":
-        return make_loss("multiclass", class_weights(y, len(ds.label_names)))
-    return make_loss(ds.task, positive_weights(y, uncertain), uncertain)
+        return make_loss("multiclass", weight)
+    return make_loss(ds.task, weight, uncertain)
 
 
 def make_loaders(ds, tr_idx: np.ndarray, va_idx: np.ndarray, batch_size: int = 32, augment: str | None = "light",
                  seed: int = config.DEFAULT_SEED, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Training loader (shuffled, MONAI augmentation) and validation loader (in order, no augmentation)."""
-    from lib.datasets import make_augment
-
-    aug = make_augment(augment, spatial_dims=ds.x.ndim - 2, seed=seed)
+    """Training loader (shuffled, MONAI augmentation: a preset or ``+``-joined flags, :func:`lib.recipes.build_augment`)
+    and validation loader (in order, no augmentation)."""
+    aug = recipes.build_augment(augment, spatial_dims=ds.x.ndim - 2, seed=seed)
     kw = {"num_workers": num_workers, "worker_init_fn": seed_worker if num_workers else None,
           "persistent_workers": False}
     tr = DataLoader(ds.subset(tr_idx, aug), batch_size=batch_size, shuffle=True,
@@ -637,7 +643,7 @@ def train_classifier(ds, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir: str | 
                                   ds.preprocessing, **(model_kwargs or {}))
     tr, va = make_loaders(ds, tr_idx, va_idx, batch_size, augment, cfg.seed, num_workers)
     evaluate = classification_metrics(ds.task, ds.label_names, uncertain)
-    log = fit(model, tr, va, loss_for(ds, tr_idx, uncertain), evaluate, cfg, out_dir, meta)
+    log = fit(model, tr, va, loss_for(ds, tr_idx, uncertain, cfg.loss), evaluate, cfg, out_dir, meta)
     return model, log
 
 

@@ -137,6 +137,19 @@ def test_train_writes_checkpoint(trained):
     assert trained.exists() and (trained.parent / "log.csv").exists()
 
 
+def test_train_rerun_with_changed_settings_is_refused(trained, image_folder):
+    run_dir = trained.parents[2]
+    code, text = invoke("train", "--dataset", str(image_folder), "--out", str(run_dir), "--input-kind", "2d",
+                        "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--augment", "none",
+                        "--optimizer", "SGD", "--lr", "0.01")
+    assert code == 1 and "ConfigChangedError" in text and "lr: 0.002 -> 0.01" in text and "optimizer" in text
+    code, text = invoke("train", "--dataset", str(image_folder), "--out", str(run_dir), "--name", "flags",
+                        "--input-kind", "2d", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+                        "--augment", "flip+invert", "--loss", "focal", "--optimizer", "RMSprop", "--save-every", "1")
+    assert code == 0, text
+    assert (run_dir / "train" / "flags" / "epoch001.pt").exists()
+
+
 def test_kfold_predict_and_merge(trained, image_folder, tmp_path):
     code, text = invoke("kfold", "predict", "--ckpt", str(trained), "--input", str(image_folder), "--out",
                         str(tmp_path / "p.csv"))

@@ -57,3 +57,77 @@ def test_save_every_keeps_periodic_checkpoints(tmp_path: Path) -> None:
     kept = sorted(p.name for p in (tmp_path / "r").glob("epoch*.pt"))
     assert kept == ["epoch002.pt", "epoch004.pt"]
     assert models.read_checkpoint(tmp_path / "r" / "epoch002.pt")["epoch"] == 2
+
+
+# ------------------------------------------------------------------------------------------ recipes by name
+
+def test_losses_by_name() -> None:
+    from lib import recipes
+
+    logits = torch.tensor([[2.0], [-1.0], [0.5], [0.3]])
+    y = torch.tensor([[1.0], [0.0], [float("nan")], [-1.0]])  # missing and uncertain rows are skipped
+    bce = recipes.named_loss("BCE", "binary")(logits, y)
+    assert bce.item() == pytest.approx(torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[:2], y[:2]).item())
+    focal = recipes.named_loss("focal", "binary")(logits, y)
+    from torchvision.ops import sigmoid_focal_loss
+
+    assert focal.item() == pytest.approx(sigmoid_focal_loss(logits[:2], y[:2], alpha=-1, reduction="mean").item())
+    assert focal.item() < bce.item()  # confident right answers count less
+    mc_logits, mc_y = torch.tensor([[2.0, 0.1, -1.0], [0.0, 0.5, 0.2]]), torch.tensor([0, 2])
+    smooth = recipes.named_loss("label_smoothing", "multiclass")(mc_logits, mc_y)
+    assert smooth.item() == pytest.approx(torch.nn.CrossEntropyLoss(label_smoothing=0.1)(mc_logits, mc_y).item())
+    assert recipes.named_loss("ce", "multiclass")(mc_logits, mc_y).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(mc_logits, mc_y).item())
+    assert math.isfinite(recipes.named_loss("focal", "multiclass")(mc_logits, mc_y).item())
+    assert recipes.named_loss("auto", "binary") is None
+    with pytest.raises(ValueError, match="loss must be one of auto, cross-entropy, bce, focal, label-smoothing"):
+        train.TrainConfig(loss="hinge")
+    _, log = run(Path(__import__("tempfile").mkdtemp()) / "focal", epochs=1, loss_fn=recipes.named_loss(
+        "focal", "binary"))
+    assert math.isfinite(log["train_loss"].item())
+
+
+def test_augmentation_flags_compose_and_replay() -> None:
+    from lib import recipes
+
+    x = torch.rand(1, 16, 16)
+    aug = recipes.build_augment("flip+rotate+brightness+contrast+sharpness+equalize+invert", 2, seed=3)
+    again = recipes.build_augment(["flip", "rotate", "brightness", "contrast", "sharpness", "equalize", "invert"], 2,
+                                  seed=3)
+    outs = [aug(x) for _ in range(5)]
+    assert all(o.shape == x.shape and torch.isfinite(o).all() for o in outs)
+    assert all(torch.equal(o, again(x)) for o in outs)  # one seed, same draws
+    assert any(not torch.equal(o, x) for o in outs)
+    inv = recipes.build_augment("invert", 2, seed=0)
+    got = [inv(x) for _ in range(12)]
+    assert all(torch.equal(g, x) or torch.allclose(g, 1 - x) for g in got)
+    assert any(torch.allclose(g, 1 - x) for g in got) and any(torch.equal(g, x) for g in got)
+    assert recipes.augment_flags("light") is None
+    with pytest.raises(ValueError, match="unknown \\['blur'\\]"):
+        recipes.build_augment("flip+blur")
+
+
+def test_model_from_user_file_trains_and_reloads(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from tests.test_train import toy
+
+    src = tmp_path / "mynet.py"
+    src.write_text("from torch import nn\n\n"
+                   "def tiny(in_chans, num_classes, width=4):\n"
+                   "    return nn.Sequential(nn.Conv2d(in_chans, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+                   "                         nn.Flatten(), nn.Linear(width, num_classes))\n")
+    name = f"{src}:tiny"
+    model = models.create_model(name, 2, 1, width=5)
+    meta = models.checkpoint_meta(name, 2, 1, "binary", ["square"], width=5)
+    cfg = train.TrainConfig(epochs=1, progress=False, seed=1)
+    train.fit(model, DataLoader(toy(16, 1), batch_size=8), DataLoader(toy(8, 2), batch_size=8),
+              train.make_loss("binary"), train.classification_metrics("binary"), cfg, tmp_path / "out", meta)
+    reloaded, got = models.load_checkpoint(tmp_path / "out" / "best.pt")
+    assert got["model_name"] == name and isinstance(reloaded, torch.nn.Sequential)
+    assert torch.equal(reloaded[0].weight, model[0].weight.detach().cpu())
+    with pytest.raises(ValueError, match="no function 'wide'.*tiny"):
+        models.create_model(f"{src}:wide", 2, 1)
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        models.create_model(str(tmp_path / "none.py"), 2, 1)
