@@ -366,8 +366,10 @@ def export(run_dir: Path, kfold_name: str | None, checkpoints: tuple[str, ...], 
 @click.option("--predict", "files", multiple=True, metavar="IMAGE",
               help="score this local file instead of serving (repeatable); one JSON line each")
 @click.option("--skipped", default=None, metavar="CSV", help="with --predict: write unscorable files here")
+@click.option("--label-names", default=None, metavar="A,B",
+              help="display names in output order, comma-separated (e.g. 'WITHOUT TUMOR,WITH TUMOR')")
 def serve(model: str | None, host: str, port: int, threads: int, segmenter: str | None, files: tuple[str, ...],
-          skipped: str | None) -> None:
+          skipped: str | None, label_names: str | None) -> None:
     """Serve an exported model over HTTP, or score local files with --predict."""
     from lib import serve as sv
 
@@ -376,6 +378,7 @@ def serve(model: str | None, host: str, port: int, threads: int, segmenter: str 
     argv += ["--segmenter", segmenter] if segmenter else []
     argv += ["--predict", *files] if files else []
     argv += ["--skipped", skipped] if skipped else []
+    argv += ["--label-names", label_names] if label_names else []
     raise SystemExit(sv.main(argv))
 
 
