@@ -147,3 +147,38 @@ def study_overrides(stems: Sequence[str], config_file: str | Path | None = None,
     pairs = parse_assignments(assignments)
     source = " + ".join([*([str(config_file)] if config_file else []), *(["-p"] if pairs else [])]) or "study"
     return resolve(stems, common, per_stage, source, last=pairs)
+
+
+#: Classification sets of 2D images (``lib.datasets``): no CT volumes, organ masks or reports.
+IMAGE_SETS = ("brain-mri", "brain", "cxr", "cxr-3class")
+#: Datasets notebook 06 segments.
+SEGMENTATION_SETS = ("trus", "ms-lesion", "ct-organs")
+
+
+def is_image_set(dataset: object) -> bool:
+    """True for a 2D classification set: a named one, or a CSV of image paths."""
+    return str(dataset) in IMAGE_SETS or str(dataset).lower().endswith(".csv")
+
+
+def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dict] | None = None) -> str | None:
+    """Why stage ``stem`` does not apply to a study (its effective parameters ``values``, and every stage's
+    overrides ``study``), or None when it runs. A 2D image set has no reports to label, no CT volumes with organ
+    masks to crop or describe, and no segmentation masks."""
+    datasets = {v.get("dataset") for v in (study or {}).values() if "dataset" in v}
+    image_set = next((d for d in datasets if is_image_set(d)), None)
+    if image_set is None:
+        return None
+    if stem.startswith("00"):
+        return (f"dataset {image_set}: notebook 00 describes CT cohorts (HU per organ, organ volumes); a 2D set's "
+                "classes and duplicate groups are shown by notebooks 03 and 04")
+    if stem.startswith("05"):
+        return (f"dataset {image_set}: notebook 05 scores maps against the synthetic cohort's lesion masks; "
+                "explanations of 2D image sets are not wired in")
+    if stem.startswith("01"):
+        return f"dataset {image_set}: labels come from its class folders, there are no reports to label"
+    if stem.startswith("02"):
+        return f"dataset {image_set}: 2D images, no CT volumes with organ masks to crop"
+    if stem.startswith("06") and str(values.get("dataset")) not in SEGMENTATION_SETS:
+        return (f"dataset {values.get('dataset')}: a classification set without masks; notebook 06 segments "
+                f"{', '.join(SEGMENTATION_SETS)}")
+    return None

@@ -68,6 +68,7 @@ from typing import Any, TextIO
 import yaml
 
 from lib import config, params, report, resources
+from lib import overrides as study_params
 
 #: Stage graph, by notebook number: the stages whose artefacts each stage reads.
 DAG: dict[str, tuple[str, ...]] = {
@@ -526,7 +527,7 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
         overrides = info.get("overrides", {})
         check_profiles(notebooks(only), profile, overrides)
         _stop_leftovers(info)
-        info["stages"] = [s for s in info.get("stages", []) if s.get("status") != "pending"]
+        info["stages"] = [s for s in info.get("stages", []) if s.get("status") not in ("pending", "skipped")]
         info.setdefault("attempts", []).append(attempt)
     else:
         overrides = overrides or {}
@@ -555,7 +556,15 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
     ranks = _ranks()
     walls = _previous_walls(profile, run_dir)
     stages: list[_Stage] = []
+    skipped: set[str] = set()
     for nb in chosen:
+        reason = study_params.not_applicable(nb.stem, {**profile_parameters(nb, profile), **overrides.get(nb.stem, {})},
+                                             overrides)
+        if reason:  # recorded, not run; stages that read its outputs compute what they need themselves
+            out.message(f"[pipeline] {nb.name} skipped: {reason}")
+            info["stages"].append({"notebook": nb.name, "stage": stage_key(nb), "status": "skipped", "reason": reason})
+            skipped.add(stage_key(nb))
+            continue
         if nb.name in done_before:
             out.message(f"[pipeline] {nb.name} finished in an earlier attempt: kept")
             continue
@@ -572,7 +581,7 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
     # critical path first; among equals the smaller grants first, so one-core stages start side by side instead
     # of each waiting alone for a whole-budget stage to finish
     stages.sort(key=lambda s: (-s.rank, s.want, s.key, s.notebook.name))
-    done_keys = {stage_key(n) for n in done_before}
+    done_keys = {stage_key(n) for n in done_before} | skipped
     if stages:
         plan = ", ".join(f"{s.key}{'<' + '+'.join(sorted(s.needs)) if s.needs else ''}" for s in stages)
         out.message(f"[pipeline] {run_dir.name}: {len(stages)} stage(s) on {budget} core(s) ({profile}): {plan}")

@@ -276,3 +276,19 @@ def test_run_injects_and_records_parameters(tmp_path, monkeypatch):
     code, text = invoke("run", "--profile", "smoke", "--only", "00", "-p", "min_cases=3", "--run-id", "p1",
                         "--resume")
     assert code == 1 and "would mix two runs" in text
+
+
+def test_stages_that_do_not_apply_are_skipped_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "RUNS", tmp_path / "runs")
+    code, text = invoke("run", "--profile", "smoke", "--only", "01", "--only", "02", "--only", "06", "-p",
+                        "dataset=brain-mri", "--run-id", "s1")
+    assert code == 0, text
+    info = json.loads((tmp_path / "runs" / "s1" / "run.json").read_text())
+    status = {s["notebook"]: (s["status"], s.get("reason", "")) for s in info["stages"]}
+    assert set(status) == {"01_labels_from_reports.ipynb", "02_crop_organs.ipynb", "06_segment.ipynb"}
+    assert all(st == "skipped" and "brain-mri" in why for st, why in status.values())
+    assert "no reports to label" in status["01_labels_from_reports.ipynb"][1]
+    assert info["status"] == "ok" and "skipped" in text
+    assert overrides.not_applicable("03_train", {"dataset": "brain-mri"}, {"03_train": {"dataset": "brain-mri"}}) \
+        is None
+    assert overrides.not_applicable("02_crop_organs", {}, {"04_kfold": {"dataset": "synthetic-ct"}}) is None
