@@ -163,7 +163,7 @@ def is_image_set(dataset: object) -> bool:
 def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dict] | None = None) -> str | None:
     """Why stage ``stem`` does not apply to a study (its effective parameters ``values``, and every stage's
     overrides ``study``), or None when it runs. A 2D image set has no reports to label, no CT volumes with organ
-    masks to crop or describe, and no segmentation masks."""
+    masks to crop or describe, and no segmentation masks (its explanations are scored by deletion only)."""
     datasets = {v.get("dataset") for v in (study or {}).values() if "dataset" in v}
     image_set = next((d for d in datasets if is_image_set(d)), None)
     if image_set is None:
@@ -171,9 +171,6 @@ def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dic
     if stem.startswith("00"):
         return (f"dataset {image_set}: notebook 00 describes CT cohorts (HU per organ, organ volumes); a 2D set's "
                 "classes and duplicate groups are shown by notebooks 03 and 04")
-    if stem.startswith("05"):
-        return (f"dataset {image_set}: notebook 05 scores maps against the synthetic cohort's lesion masks; "
-                "explanations of 2D image sets are not wired in")
     if stem.startswith("01"):
         return f"dataset {image_set}: labels come from its class folders, there are no reports to label"
     if stem.startswith("02"):

@@ -50,3 +50,28 @@ def test_client_paths_stay_refused(export_dir: Path) -> None:
     for body in ({"path": "/etc/passwd"}, {"file": "/etc/passwd"}):
         assert client.post("/predict", data=body).status_code in (400, 422)
     assert client.get("/label", params={"path": "/etc/passwd"}).json() == {"0": "no", "1": "yes"}
+
+
+def test_export_run_of_an_image_model_uses_its_training_images(tmp_path: Path) -> None:
+    """Stage 07 on a 2D set: sample and parity inputs come from the folder the k-fold run trained on."""
+    import numpy as np
+
+    from lib import export, imageio
+    from tests.test_serve import PREP
+
+    root = tmp_path / "run"
+    build_export(root)
+    images = tmp_path / "images"
+    for label in ("no", "yes"):
+        (images / label).mkdir(parents=True)
+        for i in range(3):
+            _sample_png(images / label / f"{label}{i}.png")
+    (root / "kfold" / "m" / "params.json").write_text(json.dumps({"dataset": str(images)}))
+    meta = export.export_run(root, "m", n_parity=4, out_dir=tmp_path / "out")
+    assert meta["sample"]["file"] == "sample.png" and len(meta["parity_files"]) == 4
+    assert {Path(p).parent.name for p in meta["parity_files"]} == {"no", "yes"}
+    x, paths = export.parity_inputs(root, "m", PREP, 2)
+    assert x.shape == (2, 1, 48, 48) and np.array_equal(x[0], imageio.load_input(paths[0], PREP))
+    (root / "kfold" / "m" / "params.json").unlink()
+    with pytest.raises(Exception, match="cannot tell which images"):
+        export.image_inputs(root, "m", PREP)
