@@ -302,11 +302,7 @@ def image_source(run_dir: str | Path, name: str) -> Path:
     params_path = Path(run_dir) / "kfold" / name / kfold.PARAMS_FILE
     if not params_path.exists():
         raise DataError(params_path, "no k-fold parameters: cannot tell which images the models were trained on")
-    dataset = str(json.loads(params_path.read_text()).get("dataset"))
-    try:
-        return kfold.predict_source({"cxr": "cxr-3class", "brain": "brain-mri"}.get(dataset, dataset), run_dir)
-    except KeyError:
-        return Path(dataset)  # a class-per-folder image tree given by path
+    return kfold.predict_source(str(json.loads(params_path.read_text()).get("dataset")), run_dir)
 
 
 def image_inputs(run_dir: str | Path, name: str, spec: dict, n: int = 8) -> tuple[np.ndarray, list[Path]]:

@@ -474,10 +474,13 @@ def metrics_table(summary: dict) -> pd.DataFrame:
 
 def predict_source(dataset: str, run_dir: str | Path) -> Path:
     """The folder ``predict`` reads for a dataset: the run's crops, or the shared 2D image folder."""
+    from lib.datasets import ALIASES
+
+    dataset = ALIASES.get(dataset, dataset)
     if dataset == "synthetic-ct":
         return Path(run_dir) / "crops"
-    folder = {"brain-mri": ("brain-mri-tumor",), "cxr-3class": ("cxr-covid-3class", "Covid19-dataset")}[dataset]
-    return config.shared_path(*folder)
+    folders = {"brain-mri": ("brain-mri-tumor",), "cxr-3class": ("cxr-covid-3class", "Covid19-dataset")}
+    return config.shared_path(*folders[dataset]) if dataset in folders else Path(dataset)  # or a folder by path
 
 
 # ----------------------------------------------------------------------------- stage entry point (notebooks 04, 05, 07)
