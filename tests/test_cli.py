@@ -294,3 +294,11 @@ def test_stages_that_do_not_apply_are_skipped_with_the_reason(tmp_path, monkeypa
     assert overrides.not_applicable("02_crop_organs", {}, {"04_kfold": {"dataset": "synthetic-ct"}}) is None
     report = (tmp_path / "runs" / "s1" / "report.html").read_text()
     assert "skipped: dataset brain-mri: labels come from its class folders" in report
+
+
+def test_predict_source_takes_aliases_and_paths(tmp_path):
+    from lib import kfold
+
+    assert kfold.predict_source("cxr", tmp_path) == kfold.predict_source("cxr-3class", tmp_path)
+    assert kfold.predict_source(str(tmp_path), tmp_path / "run") == tmp_path
+    assert kfold.predict_source("synthetic-ct", tmp_path) == tmp_path / "crops"
