@@ -481,6 +481,43 @@ def discover_cases(root: str | Path, layout: str = "auto", image_glob: str = "*.
     return cases
 
 
+def discover_dirs(imagedir: str | Path, maskdir: str | Path, image_glob: str = "*.nii*", task: str = "total",
+                  skipped: SkippedCases | None = None) -> pd.DataFrame:
+    """Case table for images in one folder and their masks in another, matched by name.
+
+    ``maskdir/<case>.nii.gz`` is a multilabel map (label names from a class-map JSON in ``maskdir``, e.g.
+    ``TotalSegmentator --ml`` output) and ``maskdir/<case>/`` a folder of per-structure masks (TotalSegmentator's
+    default output); ``<case>_0000`` images (nnU-Net channel suffix) match ``<case>`` masks. A case without a
+    mask stays in the table so the crop step reports it; empty image files are recorded in ``skipped``.
+    """
+    imagedir, maskdir = Path(imagedir), Path(maskdir)
+    for folder in (imagedir, maskdir):
+        if not folder.is_dir():
+            raise DataError(folder, "not a folder")
+    maps = sorted(maskdir.glob("*.json"))
+    cmap = _class_map(maps[0], _read_json(maps[0]), task) if maps else {}
+    found = SkippedCases()
+    rows = []
+    for img in _nii_files(imagedir, image_glob):
+        stem = _stem(img)
+        if (err := _empty_file(img)) is not None:
+            found.add(stem, err, stage="discover")
+            continue
+        names = [stem, stem[:-5]] if stem.endswith("_0000") else [stem]
+        case = names[-1]
+        folder = next((maskdir / n for n in names if (maskdir / n).is_dir()), None)
+        files = [m for n in names for m in _nii_files(maskdir, f"{n}.nii*")]
+        if folder is not None:
+            rows.append(case_row(case, img, folder, "folder"))
+        else:
+            rows.append(case_row(case, img, files[0] if files else "", "multilabel", cmap))
+    if skipped is not None:
+        skipped.extend(found)
+    cases = pd.DataFrame(rows, columns=CASE_COLUMNS)
+    cases.attrs["skipped"] = list(found.rows)
+    return cases
+
+
 def _empty_file(path: Path) -> DataError | None:
     """A DataError for a 0-byte file (cheap: a stat, no read), else None."""
     try:
@@ -1149,3 +1186,11 @@ def verify_overlay(index: pd.DataFrame, cases: pd.DataFrame, crops_dir: str | Pa
             for i, rel in srows.path.items():
                 out.loc[i, "overlay"] = overlay_check(load_crop(crops_dir, rel), mask, affine)
     return out
+
+
+if __name__ == "__main__":  # python -m lib.crop: the same command as ``mednb crop``
+    import sys
+
+    from lib.cli import main
+
+    raise SystemExit(main(["crop", *sys.argv[1:]]))

@@ -855,6 +855,42 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
     return Cases(ds.x, table, lesions)
 
 
+def image_cases(source: str | Path, meta: dict, explainers: Sequence[Explainer], threshold: float = 0.5) -> Cases:
+    """Images of a class-per-folder 2D set (``<source>/[<split>/]<class>/<image>``) as the models saw them.
+
+    Inputs are read by ``lib.imageio.load_input`` with the checkpoint's preprocessing (the training loader),
+    truth is the class folder (the explained output's class), and there are no lesion masks: maps are scored by
+    deletion only (pointing and energy stay NaN).
+    """
+    from lib import imageio, splits
+    from lib.io import DataError
+
+    prep = dict(meta.get("preprocessing") or {})
+    files = splits.scan_images(source)
+    if files.empty:
+        raise DataError(source, "no images in class sub-folders")
+    names = list(meta.get("label_names") or [])
+    k = explainers[0].class_idx
+    positive = names[k] if meta["task"] == "multiclass" else names[-1]
+    xs, rows = [], []
+    for rec in files.to_dict("records"):
+        try:
+            xs.append(imageio.load_input(rec["path"], prep))
+        except DataError:
+            continue  # unreadable: the training dataset skipped it as well
+        rows.append({"case_id": f"{rec['label']}/{Path(rec['path']).name}", "organ": rec["label"],
+                     "truth": int(rec["label"] == positive), "path": str(rec["path"])})
+    if not xs:
+        raise DataError(source, "no readable images")
+    x = torch.from_numpy(np.stack(xs))
+    table = pd.DataFrame(rows)
+    prob = np.concatenate([ensemble_prob(explainers)(x[i:i + 64]) for i in range(0, len(x), 64)])
+    table = table.assign(prob=prob, outcome=outcomes(table["truth"].to_numpy().astype(bool), prob, threshold),
+                         lesion_pixels=0)
+    table.insert(0, "sample_id", table["case_id"])
+    return Cases(x, table, [None] * len(table))
+
+
 SUBSETS = ("test", "all")
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lib import config
-from lib.io import DataError, write_json
+from lib.io import DataError, read_json, write_json
 
 OPSET = 17
 PARITY_TOL = 1e-4
@@ -266,6 +266,43 @@ def crop_inputs(run_dir: str | Path, spec: dict, n: int = 8) -> tuple[np.ndarray
     return np.stack(xs), paths
 
 
+def image_source(run_dir: str | Path, name: str) -> Path:
+    """The image folder a k-fold run of an image model trained on (its ``params.json`` dataset)."""
+    from lib import kfold
+
+    params_path = Path(run_dir) / "kfold" / name / kfold.PARAMS_FILE
+    if not params_path.exists():
+        raise DataError(params_path, "no k-fold parameters: cannot tell which images the models were trained on")
+    return kfold.predict_source(str(read_json(params_path).get("dataset")), run_dir)
+
+
+def image_inputs(run_dir: str | Path, name: str, spec: dict, n: int = 8) -> tuple[np.ndarray, list[Path]]:
+    """Up to ``n`` real inputs of an image model, spread over its training folder (every class), read by
+    ``lib.imageio.load_input`` -- the function the training dataset and the service both use."""
+    from lib import imageio, splits
+
+    source = image_source(run_dir, name)
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in splits.IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(source, "no image files")
+    picks = [files[i] for i in dict.fromkeys(np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int))]
+    xs, paths = [], []
+    for path in picks:
+        try:
+            xs.append(imageio.load_input(path, spec))
+            paths.append(path)
+        except DataError:
+            continue  # an unreadable file is not a parity input; the dataset skipped it in training too
+    if not xs:
+        raise DataError(source, f"none of {len(picks)} sampled images could be read")
+    return np.stack(xs), paths
+
+
+def parity_inputs(run_dir: str | Path, name: str, spec: dict, n: int = 8) -> tuple[np.ndarray, list[Path]]:
+    """Real inputs for the ONNX vs torch check: organ crops for crop models, training images for image models."""
+    return crop_inputs(run_dir, spec, n) if spec.get("source") == "crops" else image_inputs(run_dir, name, spec, n)
+
+
 def crop_as_nifti(crop_path: str | Path, out_path: str | Path, spec: dict | None = None) -> Path:
     """A training crop ``(S, H, W)`` written as a NIfTI that ``lib.imageio.read_image`` returns unchanged.
 
@@ -299,7 +336,8 @@ def export_run(run_dir: str | Path, name: str | None = None, checkpoints: Sequen
     """Stage 07: the fold ensemble of ``run_dir/kfold/<name>`` -> ``run_dir/export/<name>`` (see ``export_model``).
 
     Crop models get real parity inputs from ``run_dir/crops`` built by the training code, and the first of
-    them as ``sample.nii.gz``; image models need ``sample`` (and optionally ``parity_inputs``) from the caller.
+    them as ``sample.nii.gz``; image models get images of the folder their k-fold run trained on
+    (:func:`image_inputs`), the first as the sample, unless the caller passes ``sample``/``parity_inputs``.
     """
     run_dir = Path(run_dir)
     from lib import kfold
@@ -324,6 +362,11 @@ def export_run(run_dir: str | Path, name: str | None = None, checkpoints: Sequen
             extra["crop_defaults"] = {k: v for k, v in CropParams().as_json().items()
                                       if k in ("mode", "size", "fit", "margin_mm", "window")}
             extra["crop_defaults"]["window_level_width"] = list(window_of_name(extra["crop_defaults"]["window"]))
+        elif sample is None:  # an image model: a training image is the sample, training images check parity
+            x, image_paths = image_inputs(run_dir, name, spec, n_parity)
+            sample = image_paths[0]
+            parity_inputs = x if parity_inputs is None else parity_inputs
+            extra["parity_files"] = [str(p) for p in image_paths]
         return export_model(members, meta, out_dir, sample=sample, parity_inputs=parity_inputs,
                             run_id=run_dir.name, metrics=oof_metrics(run_dir, name) or meta.get("metrics"),
                             extra=extra)
@@ -368,3 +411,11 @@ def _median_ms(fn, n: int, warmup: int) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1000)
     return float(np.median(times))
+
+
+if __name__ == "__main__":  # python -m lib.export: the same command as ``mednb export``
+    import sys
+
+    from lib.cli import main
+
+    raise SystemExit(main(["export", *sys.argv[1:]]))

@@ -80,8 +80,13 @@ def create_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int 
     * ``monai:<net>``: a ``monai.networks.nets`` network (``resnet10``, ``DenseNet121``, ``UNet``,
       ``FlexibleUNet``...), 3D unless ``spatial_dims=2`` is given;
     * ``smp:<arch>[-<encoder>]``: a segmentation-models-pytorch network (``smp:fpn-resnet18``,
-      ``smp:unet-tu-resnet10t``; the encoder may also be given as ``encoder=``, default ``resnet18``).
+      ``smp:unet-tu-resnet10t``; the encoder may also be given as ``encoder=``, default ``resnet18``);
+    * ``path/net.py:factory``: ``factory(in_chans=, num_classes=)`` from a user's file (``lib.recipes``).
     """
+    from lib import recipes
+
+    if recipes.is_model_file(name):  # "net.py:factory": a user's own network
+        return recipes.model_from_file(name, in_chans, num_classes, **kw)
     family, arch = parse_name(name)
     return FAMILIES[family](arch, in_chans, num_classes, pretrained, **kw)
 

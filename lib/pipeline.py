@@ -68,6 +68,7 @@ from typing import Any, TextIO
 import yaml
 
 from lib import config, params, report, resources
+from lib import overrides as study_params
 from lib.io import write_json
 
 #: Stage graph, by notebook number: the stages whose artefacts each stage reads.
@@ -125,13 +126,15 @@ def profile_parameters(notebook: Path, profile: str) -> dict:
     return dict(table[profile] or {})
 
 
-def check_profiles(chosen: list[Path], profile: str) -> None:
-    """Validate the profile parameters of every chosen notebook against its declared types
-    (:mod:`lib.params`), so a bad profile file fails before any stage runs rather than midway."""
+def check_profiles(chosen: list[Path], profile: str, overrides: dict[str, dict] | None = None) -> None:
+    """Validate the profile parameters (with the study's ``overrides`` per stem, see :mod:`lib.overrides`) of every
+    chosen notebook against its declared types (:mod:`lib.params`), so a bad profile file fails before any stage
+    runs rather than midway."""
     for nb in chosen:
         if nb.stem in params.TYPES:
             path = config.PROFILES / f"{nb.stem}.yaml"
-            params.check_profile(nb.stem, profile_parameters(nb, profile), f"{path} ({profile} profile)")
+            values = {**profile_parameters(nb, profile), **(overrides or {}).get(nb.stem, {})}
+            params.check_profile(nb.stem, values, f"{path} ({profile} profile)")
 
 
 def run_path(run_id: str) -> Path:
@@ -499,9 +502,11 @@ class _Stop:
 
 def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None = None,
         seed: int = config.DEFAULT_SEED, kernel: str = "python3", resume: bool = False,
-        cores: int | None = None, console: TextIO | None = None) -> Path:
+        cores: int | None = None, console: TextIO | None = None, overrides: dict[str, dict] | None = None) -> Path:
     """Execute the notebooks into a new run folder (or finish ``run_id`` with ``resume``) as a graph of stages.
 
+    ``overrides``: study parameters per notebook stem (:func:`lib.overrides.study_overrides`), injected over the
+    profile's, recorded in ``run.json`` (run-level and per stage) and reused by ``resume``.
     ``cores`` is the core budget (default :func:`lib.resources.cores`). Raises ``SystemExit`` after writing
     ``run.json`` and the report when a stage failed, and after writing ``run.json`` when stopped by a signal.
     """
@@ -512,14 +517,19 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
     if resume:
         run_dir, info = _resume_dir(profile, run_id, seed)
         only = only or info.get("only")
-        check_profiles(notebooks(only), profile)
+        if overrides is not None and overrides != info.get("overrides", {}):
+            raise ValueError(f"{run_dir.name} was run with parameters {info.get('overrides', {})}; resuming with "
+                             f"{overrides} would mix two runs: start a new one")
+        overrides = info.get("overrides", {})
+        check_profiles(notebooks(only), profile, overrides)
         _stop_leftovers(info)
-        info["stages"] = [s for s in info.get("stages", []) if s.get("status") != "pending"]
+        info["stages"] = [s for s in info.get("stages", []) if s.get("status") not in ("pending", "skipped")]
         info.setdefault("attempts", []).append(attempt)
     else:
-        check_profiles(notebooks(only), profile)
+        overrides = overrides or {}
+        check_profiles(notebooks(only), profile, overrides)
         run_dir = new_run_dir(profile, run_id)
-        info = {"profile": profile, "seed": seed, "only": only, "commit": attempt["commit"],
+        info = {"profile": profile, "seed": seed, "only": only, "overrides": overrides, "commit": attempt["commit"],
                 "python": platform.python_version(), "started": attempt["started"], "cores": budget,
                 "status": "running", "attempts": [attempt], "stages": []}
     run_json = run_dir / "run.json"
@@ -542,7 +552,15 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
     ranks = _ranks()
     walls = _previous_walls(profile, run_dir)
     stages: list[_Stage] = []
+    skipped: set[str] = set()
     for nb in chosen:
+        reason = study_params.not_applicable(nb.stem, {**profile_parameters(nb, profile), **overrides.get(nb.stem, {})},
+                                             overrides)
+        if reason:  # recorded, not run; stages that read its outputs compute what they need themselves
+            out.message(f"[pipeline] {nb.name} skipped: {reason}")
+            info["stages"].append({"notebook": nb.name, "stage": stage_key(nb), "status": "skipped", "reason": reason})
+            skipped.add(stage_key(nb))
+            continue
         if nb.name in done_before:
             out.message(f"[pipeline] {nb.name} finished in an earlier attempt: kept")
             continue
@@ -551,13 +569,15 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
                  "attempt": 1 + sum(s["notebook"] == nb.name for s in info["stages"]),
                  "log": f"logs/{nb.stem}.log", "cores_granted": None, "wall_s": None, "cpu_s": None,
                  "cores_used": None}
+        if overrides.get(nb.stem):
+            entry["overrides"] = overrides[nb.stem]
         info["stages"].append(entry)
         stages.append(_Stage(nb, key, entry, dependencies(key, chosen_keys), preferred_cores(key, budget),
                              ranks.get(key, 0), walls.get(nb.name)))
     # critical path first; among equals the smaller grants first, so one-core stages start side by side instead
     # of each waiting alone for a whole-budget stage to finish
     stages.sort(key=lambda s: (-s.rank, s.want, s.key, s.notebook.name))
-    done_keys = {stage_key(n) for n in done_before}
+    done_keys = {stage_key(n) for n in done_before} | skipped
     if stages:
         plan = ", ".join(f"{s.key}{'<' + '+'.join(sorted(s.needs)) if s.needs else ''}" for s in stages)
         out.message(f"[pipeline] {run_dir.name}: {len(stages)} stage(s) on {budget} core(s) ({profile}): {plan}")
@@ -722,7 +742,8 @@ def _launch(stage: _Stage, cores: int, run_dir: Path, kernel: str, profile: str,
     _keep_earlier(files["log"], stem, ".log")
     for key in ("progress", "result"):
         files[key].unlink(missing_ok=True)
-    values = {**profile_parameters(nb, profile), "profile": profile, "seed": seed, "run_dir": str(run_dir)}
+    values = {**profile_parameters(nb, profile), **stage.entry.get("overrides", {}), "profile": profile, "seed": seed,
+              "run_dir": str(run_dir)}
     write_json(files["spec"], {"notebook": str(nb), "output": str(out_nb), "parameters": values, "kernel": kernel,
                                "cwd": str(config.NOTEBOOKS), "progress": str(files["progress"]),
                                "result": str(files["result"]), "parent": os.getpid()})

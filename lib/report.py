@@ -291,7 +291,9 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozens
 
 
 def _timings(info: dict) -> str:
-    rows = [[html.escape(s.get("notebook", "")), html.escape(str(s.get("status", ""))), _fmt(s.get("attempt", 1)),
+    rows = [[html.escape(s.get("notebook", "")),
+             html.escape(str(s.get("status", "")) + (f": {s['reason']}" if s.get("reason") else "")),
+             _fmt(s.get("attempt", 1)),
              _fmt(s.get("wall_s", s.get("seconds")), ".1f"), _fmt(s.get("cpu_s"), ".1f"),
              _fmt(s.get("cores_granted")), _fmt(s.get("cores_used"), ".2f")] for s in info.get("stages", [])]
     rows.append(["<b>run</b>", html.escape(str(info.get("status", ""))), "", _fmt(info.get("wall_s"), ".1f"),

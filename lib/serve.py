@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,6 +59,7 @@ class Predictor:
     model_dir: Path
     threads: int = 1
     limits: DecodeLimits | None = None  # decoding limits (None: the library defaults, for local files)
+    display_names: Sequence[str] | None = None  # shown instead of labels.json's names, e.g. "WITH TUMOR"
     metadata: dict = field(init=False)
     labels: list[str] = field(init=False)
 
@@ -76,6 +78,12 @@ class Predictor:
         except json.JSONDecodeError as exc:
             raise DataError(meta_path, f"invalid JSON ({exc})") from exc
         self.labels = [labels[str(i)] for i in range(len(labels))]
+        if self.display_names:
+            names = [str(n) for n in self.display_names]
+            if len(names) != len(self.labels) or len(set(names)) != len(names):
+                raise ValueError(f"display names {names} must be {len(self.labels)} distinct names, one per output "
+                                 f"{self.labels}")
+            self.labels = names
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
@@ -100,6 +108,7 @@ class Predictor:
         probs = self.predict_arrays(x[None])[0]
         top = int(np.argmax(probs))
         return {"probabilities": {k: float(p) for k, p in zip(self.labels, probs, strict=True)},
+                "prediction": [float(p) for p in probs],  # in output order (/labels), as list-based clients read it
                 "label": self.labels[top], "probability": float(probs[top]),
                 "input": {"type": info["type"], "shape": info["shape"],
                           **({"modality": info["dicom"].get("Modality", "?")} if "dicom" in info else {})},
@@ -200,12 +209,14 @@ def decode_error(exc: BaseException, what: str = "use") -> HTTPException:
 
 def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, threads: int = 1,
                segmenter_dir: str | Path | None = None, limits: DecodeLimits | None = None,
-               max_decodes: int = DEFAULT_MAX_DECODES, wait_s: float = 60.0):
+               max_decodes: int = DEFAULT_MAX_DECODES, wait_s: float = 60.0,
+               display_names: Sequence[str] | None = None):
     """The FastAPI app; a model that fails to load leaves the app up with ``/health`` saying why.
 
     ``segmenter_dir`` (optional) adds a segmentation export for ``POST /segment``. ``limits`` (default
     ``SERVICE_LIMITS``) caps what an upload may declare; ``max_decodes`` uploads are decoded at once, others
     wait up to ``wait_s`` seconds (then 503), so memory stays bounded under concurrent uploads.
+    ``display_names`` replace the export's label names in every response (one per output, in output order).
     """
     limits = limits or SERVICE_LIMITS
     max_bytes = int(max_upload_mb * 1024 * 1024)
@@ -213,7 +224,8 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
     slots = threading.BoundedSemaphore(max(int(max_decodes), 1))
     state: dict[str, Any] = {"predictor": None, "error": None}
     try:
-        state["predictor"] = Predictor(Path(model_dir), threads=threads, limits=limits) if model_dir else None
+        state["predictor"] = (Predictor(Path(model_dir), threads=threads, limits=limits, display_names=display_names)
+                              if model_dir else None)
         if model_dir is None:
             state["error"] = "no model directory given"
     except (DataError, OSError, ValueError, RuntimeError) as exc:
@@ -304,6 +316,7 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
         """Input structure, prediction structure, preprocessing, model and a sample prediction."""
         p = predictor()
         return {**p.metadata, "prediction": {"probabilities": {k: "float in [0, 1]" for k in p.labels},
+                                             "prediction": "list of the probabilities in output order",
                                              "label": "top label", "probability": "its probability"},
                 "max_upload_mb": max_upload_mb}
 
@@ -311,6 +324,11 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
     def labels() -> dict[str, str]:
         """Output index -> label name."""
         return {str(i): name for i, name in enumerate(predictor().labels)}
+
+    @app.get("/label", include_in_schema=False)
+    def label_alias() -> dict[str, str]:
+        """``/labels`` under the name earlier clients call."""
+        return labels()
 
     @app.post("/predict")
     def predict(file: Upload) -> dict:
@@ -390,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-decoded-mb", type=float, default=None, help="most bytes a file may inflate to or declare "
                     f"(serving: {SERVICE_LIMITS.max_bytes >> 20}; --predict: {DEFAULT_LIMITS.max_bytes >> 20})")
     ap.add_argument("--max-decodes", type=int, default=DEFAULT_MAX_DECODES, help="uploads decoded at the same time")
+    ap.add_argument("--label-names", default=None, metavar="A,B", help="display names replacing the export's "
+                    "labels, comma-separated in output order (e.g. 'WITHOUT TUMOR,WITH TUMOR')")
     args = ap.parse_args(argv)
     if args.model is None and not args.predict:
         ap.error("--model is required to serve")
@@ -400,6 +420,11 @@ def limits_from_args(args: argparse.Namespace, base: DecodeLimits) -> DecodeLimi
     """``base`` with any ``--max-pixels/--max-voxels/--max-decoded-mb`` given on the command line."""
     return DecodeLimits(max_pixels=args.max_pixels or base.max_pixels, max_voxels=args.max_voxels or base.max_voxels,
                         max_bytes=int(args.max_decoded_mb * (1 << 20)) if args.max_decoded_mb else base.max_bytes)
+
+
+def display_names(args: argparse.Namespace) -> list[str] | None:
+    """``--label-names 'A,B'`` as a list (None when not given)."""
+    return [n.strip() for n in args.label_names.split(",")] if args.label_names else None
 
 
 def quiet_pydicom_warnings() -> None:
@@ -431,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_pydicom_warnings()
     if args.predict:
         pred = Predictor(Path(args.model) if args.model else latest_export(), threads=args.threads,
-                         limits=limits_from_args(args, DEFAULT_LIMITS))
+                         limits=limits_from_args(args, DEFAULT_LIMITS), display_names=display_names(args))
         skipped = SkippedCases()
         failed = predict_files(pred, args.predict, skipped)
         if failed:
@@ -444,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the service is reachable from other machines", args.host)
     app = create_app(args.model, args.max_upload_mb, args.threads, segmenter_dir=args.segmenter,
-                     limits=limits_from_args(args, SERVICE_LIMITS), max_decodes=args.max_decodes)
+                     limits=limits_from_args(args, SERVICE_LIMITS), max_decodes=args.max_decodes,
+                     display_names=display_names(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from lib import config
+from lib import config, recipes
 from lib.models import read_checkpoint, save_checkpoint, to_channels_last, unwrap
 
 UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
@@ -36,7 +36,7 @@ class TrainConfig:
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # adamw | adam | sgd
+    optimizer: str = "adamw"  # adamw | adam | sgd, or any torch.optim optimizer by name (case-insensitive)
     momentum: float = 0.9  # sgd only
     scheduler: str = "cosine"  # cosine | plateau | none
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
@@ -52,10 +52,13 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default (set 1 on an oversubscribed machine)
     ema_decay: float = 0.0  # > 0: validate and checkpoint an exponential moving average of the weights (timm)
     select: str = "best"  # weights shipped as best.pt: best on the monitor | last epoch (no selection on val)
+    save_every: int = 0  # > 0: also keep epoch<N>.pt every this many epochs
+    loss: str = "auto"  # auto (BCE / cross-entropy) | cross-entropy | bce | focal | label-smoothing (lib.recipes)
+    extend: bool = False  # resume a run saved with fewer epochs, stretching its schedule to ``epochs``
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "adam", "sgd"):
-            raise ValueError(f"optimizer must be adamw|adam|sgd, got {self.optimizer!r}")
+        self.optimizer = optimizer_name(self.optimizer)
+        self.loss = recipes.loss_name(self.loss)
         if self.scheduler not in ("cosine", "plateau", "none"):
             raise ValueError(f"scheduler must be cosine|plateau|none, got {self.scheduler!r}")
         if self.mode not in ("max", "min"):
@@ -64,6 +67,55 @@ class TrainConfig:
             raise ValueError(f"select must be best|last, got {self.select!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+
+
+#: TrainConfig fields that do not change what is trained (a resumed run may differ in them).
+RUNTIME_FIELDS = ("device", "resume", "progress", "threads", "extend", "save_every")
+#: Checkpoint fields describing the model and its inputs; a resumed run must match them.
+RECIPE_FIELDS = ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing")
+
+
+class ConfigChangedError(ValueError):
+    """Resuming ``last.pt`` with other settings than it was trained with (the message names each change)."""
+
+
+def optimizer_name(name: str) -> str:
+    """``adamw``/``adam``/``sgd`` (the tuned recipes), else the exact ``torch.optim`` class name, matched
+    case-insensitively; an unknown name is an error listing the choices."""
+    lower = str(name).lower()
+    if lower in ("adamw", "adam", "sgd"):
+        return lower
+    classes = {n.lower(): n for n, c in vars(torch.optim).items()
+               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    if lower not in classes:
+        raise ValueError(f"optimizer must be one of torch.optim's: {', '.join(sorted(classes.values()))}; "
+                         f"got {name!r}")
+    return classes[lower]
+
+
+def config_changes(stored: dict, cfg: TrainConfig, stored_recipe: dict | None = None,
+                   recipe: dict | None = None) -> list[str]:
+    """``"key: old -> new"`` for each training setting (and model recipe field) that differs from a checkpoint's.
+
+    ``epochs`` counts as unchanged when ``cfg.extend`` is set and the run grows (the schedule is stretched).
+    """
+    import json
+
+    now = asdict(cfg)
+    plain = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples vs lists, paths vs strings
+    out = []
+    for key in sorted(set(stored) | set(now)):
+        if key in RUNTIME_FIELDS or (key == "epochs" and cfg.extend and now[key] >= stored.get(key, 0)):
+            continue
+        if key in now and key in stored and plain(stored[key]) != plain(now[key]):
+            out.append(f"{key}: {stored[key]!r} -> {now[key]!r}")
+    for key in RECIPE_FIELDS:
+        old, new = (stored_recipe or {}).get(key), (recipe or {}).get(key)
+        if plain(old) != plain(new):
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------- losses
@@ -229,8 +281,26 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("adamw", "adam"):
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    import inspect
+
+    cls = getattr(torch.optim, cfg.optimizer)
+    accepted = inspect.signature(cls).parameters
+    extra = {k: v for k, v in (("weight_decay", cfg.weight_decay), ("momentum", cfg.momentum)) if k in accepted}
+    return cls(params, lr=cfg.lr, **extra)
+
+
+def stretch_schedule(opt: torch.optim.Optimizer, sched, epochs: int) -> None:
+    """A resumed cosine schedule continued to ``epochs``: the learning rate of the current epoch on the longer
+    curve, so added epochs do not train at the old curve's end (lr 0)."""
+    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max >= epochs:
+        return
+    sched.T_max = epochs
+    for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * sched.last_epoch / epochs)) / 2
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
@@ -401,13 +471,23 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     last = out_dir / "last.pt"
     if cfg.resume and last.exists():
         ckpt = read_checkpoint(last)
+        changed = config_changes(ckpt.get("train_config") or {}, cfg, ckpt, meta)
+        if changed:
+            hint = (" (set extend=True to continue to more epochs)" if any(c.startswith("epochs:") for c in changed)
+                    else "")
+            raise ConfigChangedError(f"{last} was trained with other settings; changed: {'; '.join(changed)}{hint}. "
+                                     "Use another output folder (or name) for a new run, or delete it to restart")
         unwrap(model).load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("scheduler"):
             sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if cfg.extend:
+            stretch_schedule(opt, sched, cfg.epochs)
         state.update(ckpt["train_state"])
+        if cfg.extend and cfg.epochs > state["epoch"]:
+            state["stopped"] = False  # more epochs asked for: early stopping starts counting again
         if ema is not None and ckpt.get("ema") is not None:
             ema.module.load_state_dict(ckpt["ema"])
         rows = list(ckpt["train_state"].get("log", []))
@@ -469,6 +549,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                             scheduler=sched.state_dict() if sched is not None else None,
                             scaler=scaler.state_dict(), rng=_rng_state(), train_state={**state, "log": rows})
             pd.DataFrame(rows).to_csv(out_dir / "log.csv", index=False)
+            if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                save_checkpoint(out_dir / f"epoch{epoch + 1:03d}.pt", shipped, ckpt_meta)
     bar.close()
 
     if dist.is_initialized():
@@ -506,20 +588,24 @@ def plot_curves(log: pd.DataFrame, path: str | Path | None = None, metrics: list
 # ----------------------------------------------------------------------------- classifiers on a CachedDataset
 
 
-def loss_for(ds, idx: np.ndarray, uncertain: str = "ignore") -> Callable[[Tensor, Tensor], Tensor]:
-    """The task's loss with imbalance weights computed from the training rows ``idx`` only (no peeking at val)."""
+def loss_for(ds, idx: np.ndarray, uncertain: str = "ignore", loss: str = "auto") -> Callable[[Tensor, Tensor], Tensor]:
+    """The task's loss (or ``loss`` by name, :func:`lib.recipes.named_loss`) with imbalance weights computed from
+    the training rows ``idx`` only (no peeking at val)."""
     y = ds.y[np.asarray(idx, dtype=int)].numpy()
+    weight = class_weights(y, len(ds.label_names)) if ds.task == "multiclass" else positive_weights(y, uncertain)
+    named = recipes.named_loss(loss, ds.task, weight, uncertain)
+    if named is not None:
+        return named
     if ds.task == "multiclass":
-        return make_loss("multiclass", class_weights(y, len(ds.label_names)))
-    return make_loss(ds.task, positive_weights(y, uncertain), uncertain)
+        return make_loss("multiclass", weight)
+    return make_loss(ds.task, weight, uncertain)
 
 
 def make_loaders(ds, tr_idx: np.ndarray, va_idx: np.ndarray, batch_size: int = 32, augment: str | None = "light",
                  seed: int = config.DEFAULT_SEED, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Training loader (shuffled, MONAI augmentation) and validation loader (in order, no augmentation)."""
-    from lib.datasets import make_augment
-
-    aug = make_augment(augment, spatial_dims=ds.x.ndim - 2, seed=seed)
+    """Training loader (shuffled, MONAI augmentation: a preset or ``+``-joined flags, :func:`lib.recipes.build_augment`)
+    and validation loader (in order, no augmentation)."""
+    aug = recipes.build_augment(augment, spatial_dims=ds.x.ndim - 2, seed=seed)
     kw = {"num_workers": num_workers, "worker_init_fn": seed_worker if num_workers else None,
           "persistent_workers": False}
     tr = DataLoader(ds.subset(tr_idx, aug), batch_size=batch_size, shuffle=True,
@@ -557,7 +643,7 @@ def train_classifier(ds, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir: str | 
                                   ds.preprocessing, **(model_kwargs or {}))
     tr, va = make_loaders(ds, tr_idx, va_idx, batch_size, augment, cfg.seed, num_workers)
     evaluate = classification_metrics(ds.task, ds.label_names, uncertain)
-    log = fit(model, tr, va, loss_for(ds, tr_idx, uncertain), evaluate, cfg, out_dir, meta)
+    log = fit(model, tr, va, loss_for(ds, tr_idx, uncertain, cfg.loss), evaluate, cfg, out_dir, meta)
     return model, log
 
 
@@ -588,3 +674,11 @@ def evaluate_rows(model: nn.Module, ds, idx: np.ndarray, eval_cols: dict[str, st
             y = y.long() if ds.task == "multiclass" else y.float().reshape(len(idx), -1)
         rows.append({"labels": name, "n": len(idx), **score(logits, y)})
     return pd.DataFrame(rows).set_index("labels")
+
+
+if __name__ == "__main__":  # python -m lib.train: the same command as ``mednb train``
+    import sys
+
+    from lib.cli import main
+
+    raise SystemExit(main(["train", *sys.argv[1:]]))

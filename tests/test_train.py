@@ -186,7 +186,7 @@ def test_ema_weights_are_validated_saved_and_resumed(tmp_path: Path) -> None:
     assert not torch.equal(last["ema"][w], last["state_dict"][w])  # shipped (EMA) weights differ from the raw ones
     if int(best["epoch"]) == 4:
         assert torch.equal(best["state_dict"][w], last["ema"][w])
-    again, log2 = run(tmp_path / "ema", epochs=6, ema_decay=0.8)  # resumes epochs 5-6 with the stored average
+    again, log2 = run(tmp_path / "ema", epochs=6, ema_decay=0.8, extend=True)  # epochs 5-6 with the stored average
     fresh, log3 = run(tmp_path / "ema6", epochs=6, ema_decay=0.8, resume=False)
     assert log2["auc"].tolist() == pytest.approx(log3["auc"].tolist())
     with pytest.raises(ValueError, match="ema_decay"):
