@@ -17,7 +17,7 @@ recall and F1 are scored for every system.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_reports.py [--n 10000] [--lang en ja] [--seed S]
        OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_reports.py --vs negspacy [--medspacy] [--reps 7]
-           [--json docs/results/reports-speed.json]
+           [--json docs/results/raw/reports-speed.json]
 """
 
 from __future__ import annotations

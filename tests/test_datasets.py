@@ -160,7 +160,7 @@ def test_train_classifier_with_augmentation_resumes_exactly(tmp_path: Path) -> N
 
     def go(out: Path, epochs: int) -> tuple[torch.nn.Module, pd.DataFrame]:
         cfg = train.TrainConfig(epochs=epochs, lr=3e-3, scheduler="plateau", patience=4, progress=False, seed=5,
-                                optimizer="sgd")
+                                optimizer="sgd", extend=True)  # a run stopped at 2 epochs continues to 4
         return train.train_classifier(ds, tr, va, out, cfg, "resnet10t", augment="medium", batch_size=8)
 
     m1, log1 = go(tmp_path / "whole", 4)

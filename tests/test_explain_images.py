@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib import explain
+from lib import explain, kfold
 from tests.test_serve import _sample_png, build_export
 
 
@@ -18,7 +18,7 @@ def test_image_cases_score_deletion_without_masks(tmp_path: Path) -> None:
         for i in range(3):
             _sample_png(images / label / f"{label}{i}.png")
     (images / "yes" / "broken.png").write_bytes(b"not a png")
-    paths = explain.fold_checkpoints(tmp_path / "run", "m")
+    paths = kfold.fold_checkpoints(tmp_path / "run" / "kfold" / "m")
     models, meta = explain.load_ensemble(paths)
     explainers = [explain.Explainer(m, meta["task"], explain.class_index(meta)) for m in models]
     cases = explain.image_cases(images, meta, explainers)

@@ -66,7 +66,8 @@ def test_export_run_of_an_image_model_uses_its_training_images(tmp_path: Path) -
         (images / label).mkdir(parents=True)
         for i in range(3):
             _sample_png(images / label / f"{label}{i}.png")
-    (root / "kfold" / "m" / "params.json").write_text(json.dumps({"dataset": str(images)}))
+    (root / "kfold" / "m" / "params.json").write_text(json.dumps({"dataset": str(images), "n_splits": 2}))
+    (root / "kfold" / "m" / "metrics.json").write_text("{}")  # a finished run (kfold.is_complete)
     meta = export.export_run(root, "m", n_parity=4, out_dir=tmp_path / "out")
     assert meta["sample"]["file"] == "sample.png" and len(meta["parity_files"]) == 4
     assert {Path(p).parent.name for p in meta["parity_files"]} == {"no", "yes"}
