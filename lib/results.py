@@ -55,6 +55,15 @@ Every figure names the command that produced it and the machine it ran on.
 """
 
 
+def git_commit() -> str:
+    """Short hash of the checked-out commit (results sources name the code that produced them)."""
+    import subprocess
+
+    probe = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=False,
+                           cwd=config.ROOT)
+    return probe.stdout.strip() or "unknown"
+
+
 class SourceError(ValueError):
     """A results source that does not follow the schema (the message names the file and the problem)."""
 

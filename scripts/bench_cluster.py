@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from lib import config, crop, resources, synth
+from lib.results import git_commit
 
 
 def _peak_rss_mib() -> float:
@@ -52,15 +53,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    """Short hash of the checked-out commit (results sources name the code that produced them)."""
-    import subprocess
-
-    probe = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=False,
-                           cwd=config.ROOT)
-    return probe.stdout.strip() or "unknown"
 
 
 def results_source(raw: dict, commit: str, date: str) -> dict:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from lib import cluster, config, scale
+from lib.results import git_commit
 
 
 def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
@@ -56,15 +57,6 @@ def results_source(raw: dict, commit: str, date: str) -> dict:
                 "studies", "seconds", "peak RSS MiB"], "rows": trace},
                 {"title": "label fractions", "columns": ["lang", "label", "positive", "uncertain", "negative", "blank"],
                  "rows": labels}]}
-
-
-def git_commit() -> str:
-    """Short hash of the checked-out commit (results sources name the code that produced them)."""
-    import subprocess
-
-    probe = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=False,
-                           cwd=config.ROOT)
-    return probe.stdout.strip() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:
