@@ -12,6 +12,7 @@
     mednb serve --model EXPORT_DIR                                                # HTTP service
     mednb segment predict --model best.pt --input DIR --out DIR                   # 2D segmentation
     mednb run --profile smoke -p dataset=brain-mri [--config study.yaml] [--only 00 03]   # the pipeline
+    mednb results [--check]                     # docs/results.md from docs/results/*.json (or check they agree)
 
 Every command calls the same ``lib`` functions as the notebooks; this module only parses options and reports.
 A bad input (missing file, wrong type, unknown name) ends the command with one ``Error:`` line and exit code 2
@@ -448,6 +449,31 @@ def run(profile: str, config_file: Path | None, params: tuple[str, ...], only: t
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_dir = pipeline.run(profile, chosen, run_id, seed, resume=resume, cores=cores, overrides=study)
     click.echo(f"run folder {run_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------- results
+
+@cli.command()
+@click.option("--check", "check_only", is_flag=True,
+              help="write nothing; exit 1 and name each disagreeing file when the Markdown and its sources differ")
+@click.option("--sources", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="folder of *.json results sources (default: docs/results)")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="the generated Markdown (default: docs/results.md)")
+def results(check_only: bool, sources: Path | None, output: Path | None) -> None:
+    """Regenerate docs/results.md from the measured figures in docs/results/*.json, or check that they agree."""
+    from lib import results as rs
+
+    sources, output = sources or rs.SOURCES, output or rs.OUTPUT
+    if not check_only:
+        click.echo(f"wrote {rs.write(sources, output)}")
+        return
+    problems = rs.check(sources, output)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise click.ClickException(f"{output} disagrees with {sources}/*.json; run mednb results to regenerate it")
+    click.echo(f"{output} matches {sources}/*.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

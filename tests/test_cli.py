@@ -19,7 +19,7 @@ from lib import cli, config, overrides
 
 COMMANDS = [["label"], ["crop"], ["train"], ["kfold"], ["kfold", "train"], ["kfold", "predict"], ["kfold", "merge"],
             ["evaluate"], ["explain"], ["export"], ["serve"], ["segment"], ["segment", "predict"],
-            ["segment", "export"], ["run"]]
+            ["segment", "export"], ["run"], ["results"]]
 
 
 def invoke(*args: str) -> tuple[int, str]:

@@ -16,8 +16,36 @@ from lib import results
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_committed_results_match_their_sources(capsys: pytest.CaptureFixture[str]) -> None:
-    assert results.main(["--check"]) == 0, capsys.readouterr().out
+def test_committed_results_match_their_sources() -> None:
+    """CI's check: the same function ``mednb results --check`` runs."""
+    assert results.check() == []
+
+
+def test_mednb_results_check_names_the_disagreeing_file(tmp_path: Path) -> None:
+    from tests.test_cli import invoke
+
+    sources = tmp_path / "results"
+    shutil.copytree(results.SOURCES, sources)
+    out = tmp_path / "results.md"
+    code, text = invoke("results", "--sources", str(sources), "--output", str(out))
+    assert code == 0 and out.read_text() == results.markdown(sources), text
+    code, text = invoke("results", "--check", "--sources", str(sources), "--output", str(out))
+    assert code == 0 and "matches" in text, text
+    src_path = sources / "reports-eval.json"
+    src = json.loads(src_path.read_text())
+    src["title"] = "a changed title"
+    src_path.write_text(json.dumps(src))
+    code, text = invoke("results", "--check", "--sources", str(sources), "--output", str(out))
+    assert code == 1, text
+    assert f"{src_path}: disagrees with its section in {out}" in text and "a changed title" in text
+    assert "make-run-demo.json" not in text  # only the file at fault is named
+    src_path.unlink()
+    (sources / "zz-new.json").write_text(json.dumps({**src, "title": "new"}))
+    problems = results.check(sources, out)
+    assert f"{out}: section 'reports-eval.json' has no source in {sources}" in problems
+    assert f"{sources / 'zz-new.json'}: has no section in {out}" in problems
+    out.unlink()
+    assert results.check(sources, out) == [f"{out}: missing; run mednb results"]
 
 
 def test_every_figure_names_command_and_machine() -> None:
