@@ -12,7 +12,7 @@ Usage:
 
 ``--json PATH`` also writes the figures as a results source (schema: :mod:`lib.results`): the per-stage table,
 the run totals and the run's headline metrics (:data:`lib.report.HEADLINE`), with the command, the machine,
-the commit and the date; ``python -m lib.results`` turns the sources into ``docs/results.md``.
+the commit and the date; ``mednb results`` turns the sources into ``docs/results.md``.
 """
 
 from __future__ import annotations
