@@ -92,3 +92,19 @@ def worker_pool(n_jobs: int, *preload: str, n_workers: int | None = None):  # no
     if n <= 1:
         return None, 0
     return ProcessPoolExecutor(n, mp_context=pool_context(*preload)), threads_per_worker(n)
+
+
+def lower_priority() -> None:
+    """Run this process (and everything it starts) at the lowest CPU priority, so it only takes cycles that no
+    normal-priority process wants. On Linux with autogroup scheduling the nice value only ranks processes of one
+    session, so the session's autogroup is lowered too (allowed without privileges; ignored where unsupported)."""
+    try:
+        os.nice(19 - os.nice(0))
+    except (AttributeError, OSError):
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write("19")
+    except OSError:
+        pass
+
