@@ -126,9 +126,8 @@ def hu_long(organs: pd.DataFrame, per_structure: int | None = None, seed: int = 
     long = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["structure", "HU"])
     if per_structure is None or long.empty:
         return long
-    return (long.groupby("structure", group_keys=False, sort=False)
-            .apply(lambda g: g.sample(n=min(per_structure, len(g)), random_state=seed))
-            .reset_index(drop=True))
+    shuffled = long.sample(frac=1.0, random_state=seed)
+    return shuffled.groupby("structure", sort=False).head(per_structure).reset_index(drop=True)
 
 
 def report_stats(reports: pd.DataFrame) -> pd.DataFrame:
