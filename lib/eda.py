@@ -116,11 +116,18 @@ def case_stats(case: dict, labels: dict[str, int], hu_sample: int, seed: int
     return case_row, organ_rows, skipped.rows
 
 
-def hu_long(organs: pd.DataFrame) -> pd.DataFrame:
-    """Explode the per-structure HU samples into a long table for seaborn."""
+def hu_long(organs: pd.DataFrame, per_structure: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Explode the per-structure HU samples into a long table for seaborn.
+
+    ``per_structure``: keep at most this many values per structure (a seeded random subset), enough for a violin's
+    density; its cost grows with the points drawn, and the cohort's samples run into millions."""
     rows = [pd.DataFrame({"structure": r.structure, "HU": r.hu_sample})
             for r in organs.itertuples() if len(r.hu_sample)]
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["structure", "HU"])
+    long = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["structure", "HU"])
+    if per_structure is None or long.empty:
+        return long
+    shuffled = long.sample(frac=1.0, random_state=seed)
+    return shuffled.groupby("structure", sort=False).head(per_structure).reset_index(drop=True)
 
 
 def report_stats(reports: pd.DataFrame) -> pd.DataFrame:

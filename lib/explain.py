@@ -818,14 +818,13 @@ class Cases:
         return Cases(self.x[idx], self.table.iloc[idx].reset_index(drop=True), [self.lesions[i] for i in idx])
 
 
-def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explainer], profile: str, seed: int,
-                    threshold: float = 0.5, crops_dir: str | Path | None = None, crop_mode: str | None = "bbox"
-                    ) -> Cases:
+def synthetic_cases(run_dir: str | Path, meta: dict, profile: str, seed: int, class_idx: int = 0,
+                    crops_dir: str | Path | None = None, crop_mode: str | None = "bbox") -> Cases:
     """Crops of the synthetic cohort as the models saw them, with ground-truth labels and lesion masks.
 
     Inputs are rebuilt from the checkpoint's ``preprocessing`` by ``datasets.crop_dataset`` (the training
-    code), labels are the cohort's ground truth (not the report labels), and every case gets the
-    ensemble probability and its outcome (TP/FP/FN/TN at ``threshold``).
+    code), labels are the cohort's ground truth (not the report labels) for output ``class_idx``. The ensemble's
+    probabilities come from :func:`score_cases`, once the cases are narrowed down (:func:`case_subset`).
     """
     from lib import datasets
 
@@ -842,11 +841,9 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
                                kind=prep.get("kind", "slab"), n_slices=int(prep.get("n_slices", 8)),
                                size=int(prep.get("size", 64)), mask_mode=prep.get("mask_mode", "none"),
                                uncertain=prep.get("uncertain", "ignore"), mode=crop_mode)
-    k = explainers[0].class_idx
     y = ds.y.numpy()
-    truth_k = (y == k) if meta["task"] == "multiclass" else y.reshape(len(y), -1)[:, k]
-    prob = np.concatenate([ensemble_prob(explainers)(ds.x[i:i + 64]) for i in range(0, len(ds.x), 64)])
-    table = ds.table.assign(truth=truth_k.astype(int), prob=prob, outcome=outcomes(truth_k, prob, threshold))
+    truth_k = (y == class_idx) if meta["task"] == "multiclass" else y.reshape(len(y), -1)[:, class_idx]
+    table = ds.table.assign(truth=truth_k.astype(int))
     sample = table["case_id"].astype(str) + "_" + table["structure"].astype(str)
     dup = sample.groupby(sample).cumcount()
     table.insert(0, "sample_id", sample.where(dup == 0, sample + "_" + dup.astype(str)))
@@ -855,12 +852,12 @@ def synthetic_cases(run_dir: str | Path, meta: dict, explainers: Sequence[Explai
     return Cases(ds.x, table, lesions)
 
 
-def image_cases(source: str | Path, meta: dict, explainers: Sequence[Explainer], threshold: float = 0.5) -> Cases:
+def image_cases(source: str | Path, meta: dict, class_idx: int = 0) -> Cases:
     """Images of a class-per-folder 2D set (``<source>/[<split>/]<class>/<image>``) as the models saw them.
 
     Inputs are read by ``lib.imageio.load_input`` with the checkpoint's preprocessing (the training loader),
-    truth is the class folder (the explained output's class), and there are no lesion masks: maps are scored by
-    deletion only (pointing and energy stay NaN).
+    truth is the class folder (whether it is output ``class_idx``'s class), and there are no lesion masks: maps
+    are scored by deletion only (pointing and energy stay NaN). Probabilities: :func:`score_cases`.
     """
     from lib import imageio, splits
     from lib.io import DataError
@@ -870,8 +867,7 @@ def image_cases(source: str | Path, meta: dict, explainers: Sequence[Explainer],
     if files.empty:
         raise DataError(source, "no images in class sub-folders")
     names = list(meta.get("label_names") or [])
-    k = explainers[0].class_idx
-    positive = names[k] if meta["task"] == "multiclass" else names[-1]
+    positive = names[class_idx] if meta["task"] == "multiclass" else names[-1]
     xs, rows = [], []
     for rec in files.to_dict("records"):
         try:
@@ -883,12 +879,18 @@ def image_cases(source: str | Path, meta: dict, explainers: Sequence[Explainer],
     if not xs:
         raise DataError(source, "no readable images")
     x = torch.from_numpy(np.stack(xs))
-    table = pd.DataFrame(rows)
-    prob = np.concatenate([ensemble_prob(explainers)(x[i:i + 64]) for i in range(0, len(x), 64)])
-    table = table.assign(prob=prob, outcome=outcomes(table["truth"].to_numpy().astype(bool), prob, threshold),
-                         lesion_pixels=0)
+    table = pd.DataFrame(rows).assign(lesion_pixels=0)
     table.insert(0, "sample_id", table["case_id"])
     return Cases(x, table, [None] * len(table))
+
+
+def score_cases(cases: Cases, explainers: Sequence[Explainer], threshold: float = 0.5, batch: int = 64) -> Cases:
+    """The cases with the ensemble's probability and their outcome (TP/FP/FN/TN at ``threshold``) added; run it
+    after :func:`case_subset`, so only the cases that can be explained are predicted."""
+    prob = np.concatenate([ensemble_prob(explainers)(cases.x[i:i + batch]) for i in range(0, len(cases.x), batch)])
+    truth = cases.table["truth"].to_numpy().astype(bool)
+    table = cases.table.assign(prob=prob, outcome=outcomes(truth, prob, threshold))
+    return Cases(cases.x, table, cases.lesions)
 
 
 SUBSETS = ("test", "all")

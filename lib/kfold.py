@@ -623,7 +623,7 @@ def build_stage_dataset(params: dict, run_dir: str | Path, profile: str, seed: i
 def train_config(params: dict, task: str, seed: int, progress: bool = False) -> train.TrainConfig:
     return train.TrainConfig(epochs=params["epochs"], lr=params["lr"], optimizer=params["optimizer"],
                              scheduler=params["scheduler"], patience=params["patience"],
-                             ema_decay=params["ema_decay"], select=params["select"],
+                             ema_decay=params["ema_decay"], select=params["select"], val_every=params["val_every"],
                              monitor="macro_f1" if task == "multiclass" else "auc", seed=seed, progress=progress)
 
 

@@ -58,7 +58,7 @@ TYPES: dict[str, dict[str, Any]] = {
         "channels": int, "model_name": str, "pretrained": bool, "n_splits": int, "test_fraction": float,
         "epochs": int, "batch_size": int, "lr": float, "optimizer": str, "scheduler": str, "patience": int,
         "augment": str, "bn_momentum": float, "ema_decay": float, "model_kwargs": dict[str, Any], "select": str,
-        "uncertain": str, "threshold": float, "n_boot": int, "label_noise": bool,
+        "val_every": int, "uncertain": str, "threshold": float, "n_boot": int, "label_noise": bool,
         "label_noise_params": dict[str, Any], "min_oof_auc": float, "min_macro_f1": float,
     },
     "05_explain": {

@@ -9,14 +9,20 @@ A stage starts once the stages it needs (among those chosen for this run) have f
 notebooks run side by side. ``--only`` runs just the chosen stages: their dependencies are not added (each
 notebook computes the upstream artefacts it misses), but the chosen stages still start in graph order.
 
-Cores: the run has a budget (``--cores``, ``MEDNB_CORES``, else every core) and each stage is granted cores
-out of it (:data:`PREFERRED_CORES`: the stages with per-case or per-fold worker pools -- crop, k-fold,
-explanations, segmentation -- take the whole budget, every other stage one core). The sum of
-granted cores never exceeds the budget. Scheduling policy: ready stages start in critical-path order (the
-stage with the longest chain of stages after it first: 01/02, then 04, then the rest, ties by the cores a stage
-wants, fewest first, then by number); when
-the first ready stage in that order does not fit in the free cores, nothing after it starts either, so the
-cores that free up go to it (a stage wanting every core is never starved by one-core stages). Each stage runs
+Cores: the run has a budget (``--cores``, ``MEDNB_CORES``, else every core) and each stage is granted cores out of
+it (:data:`PREFERRED_CORES`: the stages with per-case or per-fold worker pools -- crop, k-fold, explanations,
+segmentation -- take the whole budget, every other stage one core). The sum of granted cores never exceeds the
+budget. Scheduling policy: ready stages start in critical-path order (the stage with the longest chain of stages
+after it first: 01/02, then 04, then the rest; among 01/02 the one-core stage first); when the first ready stage
+in that order does not fit in the free cores, nothing after it starts either, so the cores that free up go to it
+(a stage wanting every core is never starved by one-core stages). Cores a running stage leaves idle (a fold pool
+waiting on its slowest fold, a one-core stage beside a whole-budget one) are not wasted: a ready stage that no
+other stage waits for (a leaf of the graph, e.g. 06 or 00) that cannot start yet starts in the *background*, at
+the lowest CPU priority (:func:`lib.resources.lower_priority`), with its preferred cores, up to one background
+stage per core of the budget. The operating system gives it only cycles that the normal stages do not use, so it
+never slows the stages on the critical path; ``run.json`` marks it ``"background": true``. Among the last stages
+of the graph the heavy ones go first (whole-budget stages, then the longest by the newest earlier run of the
+profile), so 05 takes the cores 04 leaves and the light stages fill in beside it. Each stage runs
 in its own process (``python -m lib.pipeline _stage``) whose environment carries its grant: ``MEDNB_THREADS``,
 ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` (see :mod:`lib.resources`, which library code reads). Inputs that
 several stages would generate for themselves (the synthetic cohort) are made once before the stages start
@@ -96,6 +102,9 @@ PREFERRED_CORES: dict[str, int | None] = {"02": None, "04": None, "05": None, "0
 SHARED_INPUTS: dict[str, frozenset[str]] = {
     "lib.synth:ensure_cohort": frozenset({"00", "01", "02", "03", "04", "05"}),
 }
+
+#: Wall seconds assumed for a stage that no earlier run of the profile has timed (orders ready stages).
+DEFAULT_ESTIMATE_S = 60.0
 
 #: Seconds a stopped stage gets to shut its kernel down before its processes are killed.
 STOP_GRACE_S = 10.0
@@ -230,6 +239,24 @@ def _ranks() -> dict[str, int]:
         return memo[key]
 
     return {k: rank(k) for k in after}
+
+
+def _chain_estimates(stages: list[_Stage]) -> dict[str, float]:
+    """Estimated wall seconds of the longest chain of this run's stages that each stage starts (itself included);
+    a stage without an earlier timing counts :data:`DEFAULT_ESTIMATE_S`."""
+    after: dict[str, list[str]] = {s.key: [] for s in stages}
+    for s in stages:
+        for need in s.needs:
+            after.setdefault(need, []).append(s.key)
+    own = {s.key: s.estimate or DEFAULT_ESTIMATE_S for s in stages}
+    memo: dict[str, float] = {}
+
+    def chain(key: str) -> float:
+        if key not in memo:
+            memo[key] = own.get(key, 0.0) + max((chain(k) for k in after.get(key, ())), default=0.0)
+        return memo[key]
+
+    return {s.key: chain(s.key) for s in stages}
 
 
 def preferred_cores(key: str, budget: int) -> int:
@@ -383,6 +410,7 @@ class _Stage:
     cells: tuple[int, int] | None = None
     waiting: str = ""
     stop_sent: float | None = None
+    background: bool = False
 
     @property
     def name(self) -> str:
@@ -402,8 +430,9 @@ class _Stage:
             return f"{head} {self.waiting}{est}".rstrip()
         if self.status == "running":
             use = f" (using {self.cores_now:.1f})" if self.cores_now is not None else ""
+            bg = ", background" if self.background else ""
             return (f"{head} {self.progress_text() or 'starting'}  elapsed {_clock(now - self.started)}{est}"
-                    f"  cores {self.entry['cores_granted']}{use}")
+                    f"  cores {self.entry['cores_granted']}{use}{bg}")
         e = self.entry
         cells = f"{self.progress_text()}  " if self.cells else ""
         return (f"{head} {cells}wall {_clock(e.get('wall_s'))}  cpu {_clock(e.get('cpu_s'))}  "
@@ -574,9 +603,11 @@ def run(profile: str = "demo", only: list[str] | None = None, run_id: str | None
         info["stages"].append(entry)
         stages.append(_Stage(nb, key, entry, dependencies(key, chosen_keys), preferred_cores(key, budget),
                              ranks.get(key, 0), walls.get(nb.name)))
-    # critical path first; among equals the smaller grants first, so one-core stages start side by side instead
-    # of each waiting alone for a whole-budget stage to finish
-    stages.sort(key=lambda s: (-s.rank, s.want, s.key, s.notebook.name))
+    # critical path first; among stages that others wait for, the smaller grants first, so one-core stages start
+    # side by side instead of each waiting alone for a whole-budget stage to finish; among the last stages of the
+    # graph, the heavy ones first (whole-budget, then the longest by earlier timings), the light ones fill in
+    chains = _chain_estimates(stages)
+    stages.sort(key=lambda s: (-s.rank, s.want if s.rank > 1 else -s.want, -chains[s.key], s.key, s.notebook.name))
     done_keys = {stage_key(n) for n in done_before} | skipped
     if stages:
         plan = ", ".join(f"{s.key}{'<' + '+'.join(sorted(s.needs)) if s.needs else ''}" for s in stages)
@@ -651,7 +682,7 @@ def _schedule(stages: list[_Stage], done_keys: set[str], budget: int, run_dir: P
         for s in running:
             if _reap(s, blocking=False):
                 _finish(s, run_dir, stop.signum is not None, out)
-                free += s.entry["cores_granted"]
+                free += 0 if s.background else s.entry["cores_granted"]
                 if s.status == "ok":
                     ok_keys.add(s.key)
                 elif s.status == "failed":
@@ -671,6 +702,7 @@ def _schedule(stages: list[_Stage], done_keys: set[str], budget: int, run_dir: P
                 _launch(s, s.want, run_dir, kernel, profile, seed)
                 free -= s.want
                 changed = True
+            changed |= _backfill(stages, budget, run_dir, kernel, profile, seed)
         running = [s for s in stages if s.status == "running"]
         if changed:
             save()
@@ -681,6 +713,28 @@ def _schedule(stages: list[_Stage], done_keys: set[str], budget: int, run_dir: P
                             or all(s.waiting.startswith("waits for") for s in pending)):
             return
         time.sleep(0.25)
+
+
+def _backfill(stages: list[_Stage], budget: int, run_dir: Path, kernel: str, profile: str, seed: int) -> bool:
+    """Start ready leaf stages that could not start normally in the background (lowest priority), in scheduling
+    order, while fewer than ``budget`` background stages run. Returns whether one started."""
+    if budget < 2:
+        return False
+    needed = {k for s in stages if s.status in ("pending", "running") for k in s.needs}
+    slots = budget - sum(s.status == "running" and s.background for s in stages)
+    started = False
+    for s in stages:
+        if slots <= 0:
+            break
+        if s.status != "pending" or s.waiting.startswith("waits for") or s.key in needed:
+            continue
+        s.background = True
+        s.entry["background"] = True
+        s.waiting = ""
+        _launch(s, s.want, run_dir, kernel, profile, seed)
+        slots -= 1
+        started = True
+    return started
 
 
 def _prepare(stages: list[_Stage], budget: int, profile: str, seed: int, run_dir: Path, stop: _Stop, info: dict,
@@ -746,7 +800,8 @@ def _launch(stage: _Stage, cores: int, run_dir: Path, kernel: str, profile: str,
               "run_dir": str(run_dir)}
     write_json(files["spec"], {"notebook": str(nb), "output": str(out_nb), "parameters": values, "kernel": kernel,
                                "cwd": str(config.NOTEBOOKS), "progress": str(files["progress"]),
-                               "result": str(files["result"]), "parent": os.getpid()})
+                               "result": str(files["result"]), "parent": os.getpid(),
+                               "background": stage.background})
     env = {**os.environ, **resources.thread_env(cores), "PYTHONUNBUFFERED": "1"}
     with open(files["log"], "ab") as log:
         stage.proc = subprocess.Popen(_stage_command(files["spec"]), cwd=_REPO, env=env, stdin=subprocess.DEVNULL,
@@ -922,6 +977,8 @@ def _run_stage(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     _exit_with_parent(int(spec["parent"]))
+    if spec.get("background"):  # only idle cycles: the kernel and its workers inherit the priority
+        resources.lower_priority()
 
     def terminated(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the kernel shutdown must not be interrupted

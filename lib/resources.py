@@ -14,6 +14,7 @@ to the whole budget.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 #: Variables read by the thread pools of numpy/torch (OpenMP, MKL, OpenBLAS, numexpr) when they start.
@@ -92,3 +93,17 @@ def worker_pool(n_jobs: int, *preload: str, n_workers: int | None = None):  # no
     if n <= 1:
         return None, 0
     return ProcessPoolExecutor(n, mp_context=pool_context(*preload)), threads_per_worker(n)
+
+
+def lower_priority() -> None:
+    """Run this process (and everything it starts) at the lowest CPU priority, so it only takes cycles that no
+    normal-priority process wants: nice 19 everywhere, and on Linux the SCHED_IDLE policy (never preempts a normal
+    process when it wakes) and a lowered session autogroup (with autogroup scheduling, nice values only rank the
+    processes of one session). All three are allowed without privileges; what a system lacks is skipped."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(19 - os.nice(0))
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+        f.write("19")
+

@@ -53,6 +53,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: validate and checkpoint an exponential moving average of the weights (timm)
     select: str = "best"  # weights shipped as best.pt: best on the monitor | last epoch (no selection on val)
     save_every: int = 0  # > 0: also keep epoch<N>.pt every this many epochs
+    val_every: int = 1  # validate every this many epochs and after the last; > 1 only where nothing selects on it
     loss: str = "auto"  # auto (BCE / cross-entropy) | cross-entropy | bce | focal | label-smoothing (lib.recipes)
     extend: bool = False  # resume a run saved with fewer epochs, stretching its schedule to ``epochs``
 
@@ -69,10 +70,16 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+        if self.val_every > 1 and (self.select == "best" or self.patience or self.scheduler == "plateau"):
+            raise ValueError(f"val_every={self.val_every} needs select='last', patience=0 and a scheduler other than "
+                             "plateau: best-epoch selection, early stopping and the plateau schedule read every "
+                             "epoch's validation score")
 
 
 #: TrainConfig fields that do not change what is trained (a resumed run may differ in them).
-RUNTIME_FIELDS = ("device", "resume", "progress", "threads", "extend", "save_every")
+RUNTIME_FIELDS = ("device", "resume", "progress", "threads", "extend", "save_every", "val_every")
 #: Checkpoint fields describing the model and its inputs; a resumed run must match them.
 RECIPE_FIELDS = ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing")
 
@@ -521,15 +528,16 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{out_dir}: training loss is {train_loss} in epoch {epoch + 1} "
                                      f"(lower lr={cfg.lr}, set grad_clip, or check the inputs for extreme values)")
-        metrics = _validate(shipped, val_loader, loss_fn, evaluate_fn, dev, channels_last, show)
-        monitored = metrics.get(cfg.monitor)
-        if monitored is None:
+        validated = (epoch + 1) % cfg.val_every == 0 or epoch + 1 >= cfg.epochs
+        metrics = _validate(shipped, val_loader, loss_fn, evaluate_fn, dev, channels_last, show) if validated else {}
+        monitored = metrics.get(cfg.monitor, math.nan)
+        if validated and cfg.monitor not in metrics:
             raise KeyError(f"monitor {cfg.monitor!r} not in validation metrics {sorted(metrics)}")
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(monitored if not math.isnan(monitored) else (-1e9 if cfg.mode == "max" else 1e9))
         elif sched is not None:
             sched.step()
-        improved = _is_better(monitored, state["best"], cfg.mode)
+        improved = validated and _is_better(monitored, state["best"], cfg.mode)
         if improved:
             state.update(best=monitored, best_epoch=epoch, bad_epochs=0)
         else:

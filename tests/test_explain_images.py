@@ -21,7 +21,7 @@ def test_image_cases_score_deletion_without_masks(tmp_path: Path) -> None:
     paths = kfold.fold_checkpoints(tmp_path / "run" / "kfold" / "m")
     models, meta = explain.load_ensemble(paths)
     explainers = [explain.Explainer(m, meta["task"], explain.class_index(meta)) for m in models]
-    cases = explain.image_cases(images, meta, explainers)
+    cases = explain.score_cases(explain.image_cases(images, meta, explainers[0].class_idx), explainers)
     assert len(cases.table) == 6 and cases.lesions == [None] * 6  # the unreadable file is left out
     assert cases.table["truth"].tolist() == [0, 0, 0, 1, 1, 1] and cases.x.shape == (6, 1, 48, 48)
     assert np.allclose(cases.table["prob"], explain.ensemble_prob(explainers)(cases.x))

@@ -205,6 +205,20 @@ def test_select_last_ships_the_last_epoch(tmp_path: Path) -> None:
         train.TrainConfig(select="median")
 
 
+def test_validating_every_few_epochs_trains_the_same_weights(tmp_path: Path) -> None:
+    """val_every only skips scoring: same losses and shipped weights, validation rows at epochs 2, 4 and the last."""
+    _, every = run(tmp_path / "every", epochs=5, select="last", ema_decay=0.8, resume=False)
+    _, sparse = run(tmp_path / "sparse", epochs=5, select="last", ema_decay=0.8, resume=False, val_every=2)
+    assert sparse["train_loss"].tolist() == every["train_loss"].tolist()
+    assert sparse["auc"].notna().tolist() == [False, True, False, True, True]
+    assert sparse["auc"].dropna().tolist() == every["auc"].iloc[[1, 3, 4]].tolist()
+    a, b = (models.read_checkpoint(tmp_path / d / "best.pt")["state_dict"] for d in ("every", "sparse"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad in ({"select": "best"}, {"select": "last", "patience": 2}, {"select": "last", "scheduler": "plateau"}):
+        with pytest.raises(ValueError, match="val_every"):
+            train.TrainConfig(val_every=2, **bad)
+
+
 def test_slice_mil_model_pools_slices_and_round_trips(tmp_path: Path) -> None:
     model = models.create_model("mil:resnet10t", in_chans=6, num_classes=2).eval()
     x = torch.rand(3, 6, 32, 32)
