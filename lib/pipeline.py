@@ -19,10 +19,10 @@ in that order does not fit in the free cores, nothing after it starts either, so
 waiting on its slowest fold, a one-core stage beside a whole-budget one) are not wasted: a ready stage that no
 other stage waits for (a leaf of the graph, e.g. 06 or 00) that cannot start yet starts in the *background*, at
 the lowest CPU priority (:func:`lib.resources.lower_priority`), with its preferred cores, up to one background
-stage per core of the budget. The operating system gives it only cycles that the normal stages do not use, so it
-never slows the stages on the critical path; ``run.json`` marks it ``"background": true``. Among the last stages
-of the graph the heavy ones go first (whole-budget stages, then the longest by the newest earlier run of the
-profile), so 05 takes the cores 04 leaves and the light stages fill in beside it. Each stage runs
+stage per core of the budget, plus one. The operating system gives it only cycles that the normal stages do not
+use, so it never slows the stages on the critical path; ``run.json`` marks it ``"background": true``. Among the
+last stages of the graph the heavy ones go first (whole-budget stages, then the longest by the newest earlier run
+of the profile), so 05 takes the cores 04 leaves and the light stages fill in beside it. Each stage runs
 in its own process (``python -m lib.pipeline _stage``) whose environment carries its grant: ``MEDNB_THREADS``,
 ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` (see :mod:`lib.resources`, which library code reads). Inputs that
 several stages would generate for themselves (the synthetic cohort) are made once before the stages start
@@ -721,7 +721,7 @@ def _backfill(stages: list[_Stage], budget: int, run_dir: Path, kernel: str, pro
     if budget < 2:
         return False
     needed = {k for s in stages if s.status in ("pending", "running") for k in s.needs}
-    slots = budget - sum(s.status == "running" and s.background for s in stages)
+    slots = budget + 1 - sum(s.status == "running" and s.background for s in stages)
     started = False
     for s in stages:
         if slots <= 0:
