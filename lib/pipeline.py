@@ -106,6 +106,10 @@ SHARED_INPUTS: dict[str, frozenset[str]] = {
 #: Wall seconds assumed for a stage that no earlier run of the profile has timed (orders ready stages).
 DEFAULT_ESTIMATE_S = 60.0
 
+#: Seconds a stage's kernel may take to start: a background stage's kernel only gets idle cycles, and on a busy
+#: machine importing torch and MONAI can take minutes.
+KERNEL_START_TIMEOUT_S = 900
+
 #: Seconds a stopped stage gets to shut its kernel down before its processes are killed.
 STOP_GRACE_S = 10.0
 #: Seconds between two progress lines of one stage when the console is not a terminal.
@@ -1003,7 +1007,7 @@ def _run_stage(spec_path: str) -> int:
         pm.execute_notebook(spec["notebook"], spec["output"], parameters=spec["parameters"],
                             kernel_name=spec["kernel"], cwd=spec["cwd"], engine_name="mednb-progress",
                             progress_bar=False, log_output=True, request_save_on_cell_execute=True,
-                            autosave_cell_every=30)
+                            autosave_cell_every=30, start_timeout=KERNEL_START_TIMEOUT_S)
         result = {"status": "ok"}
     except pm.PapermillExecutionError as exc:
         result = {"status": "failed", "cell": exc.exec_count, "source": exc.source, "ename": exc.ename,

@@ -37,17 +37,30 @@ def _fmt(value: object, spec: str) -> str:
     return format(value, spec) if isinstance(value, int | float) else "-"
 
 
+def _start(s: dict, t0: float | None) -> float | None:
+    """Seconds from the run's first stage start to this stage's start."""
+    return s["started_unix"] - t0 if t0 is not None and isinstance(s.get("started_unix"), int | float) else None
+
+
+def _t0(info: dict) -> float | None:
+    starts = [s["started_unix"] for s in info.get("stages", []) if isinstance(s.get("started_unix"), int | float)]
+    return min(starts) if starts else None
+
+
 def table(info: dict) -> str:
-    """The per-stage table of a ``run.json``, every attempt of every stage, then the run totals."""
-    rows = [f"{'stage':<26} {'status':<8} {'try':>3} {'granted':>7} {'wall s':>8} {'CPU s':>8} {'cores used':>10}"]
+    """The per-stage table of a ``run.json``, every attempt of every stage, then the run totals. ``priority``:
+    normal, or background (started at the lowest CPU priority on cores the normal stages left idle)."""
+    rows = [f"{'stage':<26} {'status':<8} {'try':>3} {'granted':>7} {'priority':>10} {'start s':>8} {'wall s':>8} "
+            f"{'CPU s':>8} {'cores used':>10}"]
     stage_wall = stage_cpu = 0.0
+    t0 = _t0(info)
     for s in info.get("stages", []):
         wall, cpu = s.get("wall_s", s.get("seconds")), s.get("cpu_s")
         stage_wall += wall or 0.0
         stage_cpu += cpu or 0.0
         rows.append(f"{Path(s['notebook']).stem:<26} {s['status']:<8} {s.get('attempt', 1):>3} "
-                    f"{_fmt(s.get('cores_granted'), 'd'):>7} {_fmt(wall, '.1f'):>8} {_fmt(cpu, '.1f'):>8} "
-                    f"{_fmt(s.get('cores_used'), '.2f'):>10}")
+                    f"{_fmt(s.get('cores_granted'), 'd'):>7} {_priority(s):>10} {_fmt(_start(s, t0), '.1f'):>8} "
+                    f"{_fmt(wall, '.1f'):>8} {_fmt(cpu, '.1f'):>8} {_fmt(s.get('cores_used'), '.2f'):>10}")
     run_wall, run_cpu = info.get("wall_s"), info.get("cpu_s")
     rows.append("")
     rows.append(f"stages: wall {stage_wall:.1f} s summed, CPU {stage_cpu:.1f} s")
@@ -76,10 +89,16 @@ def machine() -> str:
     return ", ".join(parts) + f" ({platform.system()} {platform.machine()})"
 
 
+def _priority(s: dict) -> str:
+    return "background" if s.get("background") else "normal" if s.get("cores_granted") else "-"
+
+
 def stage_rows(info: dict) -> list[list]:
     """The per-stage table of :func:`table` as rows of values."""
-    return [[Path(s["notebook"]).stem, s["status"], s.get("attempt", 1), s.get("cores_granted"),
-             s.get("wall_s", s.get("seconds")), s.get("cpu_s"), s.get("cores_used")] for s in info.get("stages", [])]
+    t0 = _t0(info)
+    return [[Path(s["notebook"]).stem, s["status"], s.get("attempt", 1), s.get("cores_granted"), _priority(s),
+             None if (start := _start(s, t0)) is None else round(start, 1), s.get("wall_s", s.get("seconds")),
+             s.get("cpu_s"), s.get("cores_used")] for s in info.get("stages", [])]
 
 
 def results_source(info: dict, metrics: dict, run_id: str, command: str) -> dict:
@@ -106,7 +125,8 @@ def results_source(info: dict, metrics: dict, run_id: str, command: str) -> dict
                       f"(`{run_cmd}`)."],
             "figures": figures,
             "tables": [{"title": f"per stage, run {run_id}",
-                        "columns": ["stage", "status", "try", "granted", "wall s", "CPU s", "cores used"],
+                        "columns": ["stage", "status", "try", "granted", "priority", "start s", "wall s", "CPU s",
+                                    "cores used"],
                         "rows": stage_rows(info)}]}
 
 
