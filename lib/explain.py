@@ -609,7 +609,7 @@ def explain_batch(explainers: Sequence[Explainer], xs: Tensor, lesions: Sequence
     n = len(xs)
     workers = resources.workers(limit=n) if workers is None else max(1, min(workers, n))
     pool, threads = ((None, 0) if next(explainers[0].model.parameters()).is_cuda
-                     else resources.worker_pool(n, "lib.explain", n_workers=workers))
+                     else resources.worker_pool(n, "lib.explain", "monai.visualize", n_workers=workers))
     overlay_dir = None if overlay_dir is None else Path(overlay_dir)
     if pool is None:
         results = [_explain_cases(explainers, xs[i:i + 1], lesions[i:i + 1], [sample_ids[i]], 0, kw, overlay_dir)[0]

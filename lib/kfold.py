@@ -144,7 +144,8 @@ def fold_pool(n_jobs: int, workers: int | None = None) -> tuple[ProcessPoolExecu
     share one pool."""
     if config.device("auto").type == "cuda":
         return None, 0
-    return resources.worker_pool(n_jobs, "lib.kfold", n_workers=workers)
+    # MONAI's transforms (the training augmentation) load in the pool's fork server once, not in every worker
+    return resources.worker_pool(n_jobs, "lib.kfold", "monai.transforms", n_workers=workers)
 
 
 def _train_folds(ds: CachedDataset, jobs: list[tuple[int, np.ndarray, np.ndarray]], test_idx: np.ndarray,
