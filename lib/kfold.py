@@ -15,7 +15,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -762,15 +762,13 @@ def ensure_label_noise(run_dir: str | Path | None = None, profile: str = "smoke"
 # ----------------------------------------------------------------------------- predict / merge
 
 
-def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases,
-                scheduler: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-    """Network inputs for a folder of images, a crops folder (with ``index.csv``) or a single file.
+#: Inputs decoded and scored at once by :func:`predict`: memory holds one chunk of arrays whatever the cohort's
+#: size. A multiple of ``predict_probs``' batch, so the network sees the same batches as in one pass.
+PREDICT_CHUNK = 512
 
-    Inputs decode in this process, or on a Dask cluster with ``scheduler`` (``lib.cluster``).
-    """
-    from lib import cluster
 
-    source = Path(source)
+def _input_items(source: Path, spec: dict) -> list:
+    """What to predict in ``source``: crop index rows (a crops folder with ``index.csv``) or image paths."""
     if spec.get("source") == "crops" or (source / "index.csv").exists():
         index = pd.read_csv(source / "index.csv") if (source / "index.csv").exists() else pd.DataFrame(
             {"path": [str(p.relative_to(source)) for p in sorted(source.rglob("*.npz"))]})
@@ -778,22 +776,38 @@ def _inputs_for(source: str | Path, spec: dict, skipped: SkippedCases,
         for col in ("organ", "crop_mode"):  # only the crops the model was trained on (organ, bbox/seg/25d)
             if spec.get(col) and col.removeprefix("crop_") in index:
                 index = index[index[col.removeprefix("crop_")] == spec[col]]
-        items: list = index.to_dict("records")
-    else:
-        items = [str(p) for p in ([source] if source.is_file() else sorted(
-            p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in splits.IMAGE_SUFFIXES))]
-    decoded = cluster.run_all(decode_input, [(str(source), item, spec) for item in items], scheduler=scheduler,
-                          workers=None if scheduler else 1, desc="decode", progress=False)
-    kept, xs = [], []
-    for item, (x, skips) in zip(items, decoded, strict=True):
-        skipped.rows.extend(skips)
-        if x is not None:
-            kept.append(item)
-            xs.append(x)
-    table = pd.DataFrame(kept) if items and isinstance(items[0], dict) else pd.DataFrame({"path": kept})
-    if not xs:
-        raise DataError(source, f"no usable inputs to predict ({len(skipped)} skipped)")
-    return table.reset_index(drop=True), np.stack(xs)
+        return index.to_dict("records")
+    return [str(p) for p in ([source] if source.is_file() else sorted(
+        p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in splits.IMAGE_SUFFIXES))]
+
+
+def _input_chunks(source: str | Path, spec: dict, skipped: SkippedCases, scheduler: str | None = None,
+                  chunk: int = PREDICT_CHUNK) -> Iterator[tuple[list, np.ndarray]]:
+    """(items kept, stacked network inputs) for a folder of images, a crops folder or a single file, ``chunk``
+    inputs at a time and in listing order; unreadable inputs go to ``skipped``.
+
+    Inputs decode in this process, or on a Dask cluster with ``scheduler`` (``lib.cluster``, one executor for
+    all chunks). Only one chunk of arrays exists at a time.
+    """
+    from lib import cluster
+
+    source = Path(source)
+    items = _input_items(source, spec)
+    with cluster.executor(scheduler, n_jobs=len(items), workers=None if scheduler else 1) as ex:
+        window = max(1, cluster.JOBS_PER_WORKER * ex.n_workers)
+        for start in range(0, len(items), max(1, chunk)):
+            part = items[start:start + max(1, chunk)]
+            decoded: list = [None] * len(part)
+            for i, result in ex.imap(decode_input, enumerate((str(source), item, spec) for item in part), window):
+                decoded[i] = result
+            kept, xs = [], []
+            for item, (x, skips) in zip(part, decoded, strict=True):
+                skipped.rows.extend(skips)
+                if x is not None:
+                    kept.append(item)
+                    xs.append(x)
+            if xs:
+                yield kept, np.stack(xs)
 
 
 def decode_input(source: str, item: dict | str, spec: dict) -> tuple[np.ndarray | None, list[dict]]:
@@ -815,44 +829,55 @@ def decode_input(source: str, item: dict | str, spec: dict) -> tuple[np.ndarray 
         return None, skipped.rows
 
 
-_PREDICT_CACHE: dict[str, object] = {}  # the last decoded inputs and their per-checkpoint probabilities
+_PREDICT_CACHE: dict[str, object] = {}  # the inputs' id table, skip rows and per-checkpoint probabilities
 
 
-def _cached_inputs(source: str | Path, spec: dict, skipped: SkippedCases,
-                   scheduler: str | None = None) -> tuple[pd.DataFrame, np.ndarray, str]:
-    """``_inputs_for`` decoded once per folder content and recipe: predicting with each fold model and with
-    their ensemble (notebook 04's predict / merge check) reads the crops once, not once per call."""
+def _cached_probs(checkpoints: Sequence[str | Path], source: str | Path, spec: dict, task: str,
+                  device: torch.device, skipped: SkippedCases, scheduler: str | None = None,
+                  chunk: int = PREDICT_CHUNK) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """(id table, probabilities of each checkpoint) for the inputs of ``source``, streamed chunk by chunk.
+
+    Why a cache: notebook 04 predicts with each fold model and then with their ensemble; probabilities (a few
+    numbers per input) are kept per folder content, recipe and checkpoint, so each input is decoded once per
+    new checkpoint set, and decoded arrays are never kept.
+    """
     source = Path(source)
     files = sorted(source.rglob("*")) if source.is_dir() else [source]
-    key = fingerprint(spec, stamps=[f.resolve() for f in files if f.is_file()])
+    key = fingerprint([spec, str(device)], stamps=[f.resolve() for f in files if f.is_file()])
     if _PREDICT_CACHE.get("key") != key:
-        fresh = SkippedCases()
-        table, x = _inputs_for(source, spec, fresh, scheduler)
         _PREDICT_CACHE.clear()
-        _PREDICT_CACHE.update(key=key, table=table, x=x, skipped=fresh.rows, probs={})
+        _PREDICT_CACHE.update(key=key, table=None, skipped=[], probs={})
+    probs: dict = _PREDICT_CACHE["probs"]
+    ckpt_keys = [fingerprint(str(device), stamps=[Path(c).resolve()]) for c in checkpoints]
+    missing = {k: c for k, c in zip(ckpt_keys, checkpoints, strict=True) if k not in probs}
+    if missing or _PREDICT_CACHE["table"] is None:
+        nets = {k: models.load_checkpoint(c, device)[0] for k, c in missing.items()}
+        fresh, kept = SkippedCases(), []
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in nets}
+        for items, x in _input_chunks(source, spec, fresh, scheduler, chunk):
+            kept.extend(items)
+            xt = torch.from_numpy(x)
+            for k, net in nets.items():
+                parts[k].append(predict_probs(net, xt, task))
+        if not kept:
+            raise DataError(source, f"no usable inputs to predict ({len(fresh)} skipped)")
+        table = pd.DataFrame(kept) if isinstance(kept[0], dict) else pd.DataFrame({"path": kept})
+        _PREDICT_CACHE.update(table=table.reset_index(drop=True), skipped=fresh.rows)
+        probs.update({k: np.concatenate(p) for k, p in parts.items()})
     skipped.rows.extend(_PREDICT_CACHE["skipped"])
-    return _PREDICT_CACHE["table"].copy(), _PREDICT_CACHE["x"], key
-
-
-def _cached_probs(ckpt: str | Path, x: np.ndarray, key: str, task: str, device: torch.device) -> np.ndarray:
-    """One checkpoint's probabilities on the cached inputs (computed once per checkpoint file and inputs)."""
-    ckpt_key = fingerprint([key, str(device)], stamps=[Path(ckpt).resolve()])
-    probs = _PREDICT_CACHE.setdefault("probs", {})
-    if ckpt_key not in probs:
-        model, _ = models.load_checkpoint(ckpt, device)
-        probs[ckpt_key] = predict_probs(model, torch.from_numpy(x), task)
-    return probs[ckpt_key]
+    return _PREDICT_CACHE["table"].copy(), [probs[k] for k in ckpt_keys]
 
 
 def predict(checkpoints: Sequence[str | Path], source: str | Path, out_csv: str | Path | None = None,
-            how: str = "mean", threshold: float = 0.5, device: str = "auto", scheduler: str | None = None
-            ) -> pd.DataFrame:
+            how: str = "mean", threshold: float = 0.5, device: str = "auto", scheduler: str | None = None,
+            chunk: int = PREDICT_CHUNK) -> pd.DataFrame:
     """Predictions CSV for a folder of images or crops with one model or a fold ensemble (``mean`` | ``mode``).
 
     Columns: ids (``path`` or crop index columns), ``prob_<label>`` (mean over models), ``pred`` (argmax /
     threshold, or the majority vote with ``how='mode'``), ``n_models``. Unreadable inputs are listed in
     ``skipped_predict.csv`` beside the output. ``scheduler``: decode the inputs on a Dask cluster
-    (``lib.cluster``); the models run in this process.
+    (``lib.cluster``); the models run in this process. Inputs are decoded and scored ``chunk`` at a time, so
+    memory holds one chunk of arrays however many inputs the folder has.
     """
     if how not in ("mean", "mode"):
         raise ValueError(f"how must be mean|mode, got {how!r}")
@@ -861,8 +886,8 @@ def predict(checkpoints: Sequence[str | Path], source: str | Path, out_csv: str 
     dev = config.device(device)
     meta = models.load_checkpoint(checkpoints[0], dev)[1]
     skipped = SkippedCases()
-    table, x, key = _cached_inputs(source, meta.get("preprocessing", {}), skipped, scheduler)
-    probs = [_cached_probs(c, x, key, meta["task"], dev) for c in checkpoints]
+    table, probs = _cached_probs(checkpoints, source, meta.get("preprocessing", {}), meta["task"], dev, skipped,
+                                 scheduler, chunk)
     names = list(meta.get("label_names") or [f"class{i}" for i in range(meta["num_classes"])])
     mean = metrics.ensemble_mean(probs)
     p2 = mean.reshape(len(mean), -1)

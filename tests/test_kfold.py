@@ -260,6 +260,34 @@ def test_predict_folder_mean_and_mode(image_models, tmp_path: Path) -> None:
     (folder / "b" / "extra.png").unlink()
 
 
+def test_predict_streams_inputs_in_chunks_with_the_same_result(image_models, tmp_path: Path, monkeypatch) -> None:
+    ckpts, folder = image_models
+    seen = []
+    real = kfold.predict_probs
+
+    def one_by_one(model, x, task, batch_size=64):  # batches of one in both runs: the network sees the same batches
+        seen.append(len(x))
+        return real(model, x, task, batch_size=1)
+
+    monkeypatch.setattr(kfold, "predict_probs", one_by_one)
+    kfold._PREDICT_CACHE.clear()
+    whole = kfold.predict(ckpts, folder, tmp_path / "whole" / "p.csv")
+    assert seen == [6] * len(ckpts)
+    seen.clear()
+    kfold._PREDICT_CACHE.clear()
+    chunked = kfold.predict(ckpts, folder, tmp_path / "chunked" / "p.csv", chunk=2)
+    assert seen and max(seen) <= 2, f"inputs scored {seen} at a time, not at most 2"
+    assert sum(seen) == 6 * len(ckpts), "every kept input scored once per model"
+    pd.testing.assert_frame_equal(whole, chunked, check_exact=True)
+    assert (tmp_path / "whole" / "p.csv").read_bytes() == (tmp_path / "chunked" / "p.csv").read_bytes()
+    assert ((tmp_path / "whole" / "skipped_predict.csv").read_bytes()
+            == (tmp_path / "chunked" / "skipped_predict.csv").read_bytes())
+    seen.clear()
+    kfold.predict(ckpts[:1], folder, chunk=2)
+    assert not seen, "probabilities of a checkpoint already scored on unchanged inputs are reused"
+    assert kfold.PREDICT_CHUNK % 64 == 0, "default chunks hold whole batches of predict_probs: the same batches"
+
+
 def test_merge_by_mean_and_mode_and_cli(image_models, tmp_path: Path) -> None:
     ckpts, folder = image_models
     csvs = [kfold.predict([c], folder, tmp_path / f"p{k}.csv") for k, c in enumerate(ckpts)]
