@@ -3,6 +3,7 @@
     mednb label --cohort DIR --out RUN_DIR                  # report labels (notebook 01)
     mednb crop --input DIR --out DIR --organ liver --mode bbox --workers 4        # organ crops (notebook 02)
     mednb crop --imagedir CT/ --maskdir SEG/ --out DIR
+    mednb crop --input DIR --out DIR --scheduler tcp://host:8786                  # the same on a Dask cluster
     mednb train --dataset brain-mri --out RUN_DIR --epochs 5                      # one classifier (notebook 03)
     mednb kfold train --dataset brain-mri --out RUN_DIR -p epochs=3               # k-fold run (notebook 04)
     mednb kfold predict --ckpt RUN/kfold/model/fold*/best.pt --input DIR --out preds.csv
@@ -62,6 +63,23 @@ def _pairs(values: Sequence[str]) -> dict[str, Any]:
 _PROFILE = click.option("--profile", type=click.Choice(["smoke", "demo", "full"]), default="smoke", show_default=True,
                         help="parameter set of the notebooks (and size of the synthetic cohort)")
 _SEED = click.option("--seed", type=int, default=config.DEFAULT_SEED, show_default=True, help="one seed fixes all")
+
+
+def _scheduler(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--scheduler`` checked before any work starts (``lib.cluster.check_scheduler``)."""
+    from lib import cluster
+
+    try:
+        return cluster.check_scheduler(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
+
+
+_SCHEDULER = click.option("--scheduler", "scheduler", default=None, metavar="none|local|tcp://HOST:PORT",
+                          callback=_scheduler,
+                          help="where the per-case work runs: none (this machine's process pool, default), local "
+                               "(a Dask LocalCluster for this job), or a running Dask scheduler's address or "
+                               "scheduler file; the outputs are the same")
 _PARAM = click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
                       help="a stage parameter (repeatable); the value is read as YAML: 3, 1e-3, [a, b], null")
 
@@ -83,15 +101,16 @@ def cli() -> None:
 @click.option("--vocabulary", default="abdominal-ct", show_default=True,
               help="lib/vocab/<name>.yaml or a path to your own vocabulary YAML")
 @click.option("--force", is_flag=True, help="relabel even when the cached labels.csv is up to date")
+@_SCHEDULER
 @_PROFILE
 @_SEED
-def label(cohort: Path | None, run_dir: Path, lang: str, vocabulary: str, force: bool, profile: str,
-          seed: int) -> None:
+def label(cohort: Path | None, run_dir: Path, lang: str, vocabulary: str, force: bool, scheduler: str | None,
+          profile: str, seed: int) -> None:
     """Label free-text reports (positive / negative / uncertain per finding), as notebook 01 does."""
     from lib import reports, synth
 
     cohort_dir = synth.ensure_cohort(profile, seed) if cohort is None else cohort
-    labels = reports.label_cohort(cohort_dir, lang, run_dir, vocabulary, force=force)
+    labels = reports.label_cohort(cohort_dir, lang, run_dir, vocabulary, force=force, scheduler=scheduler)
     click.echo(f"labelled {len(labels)} reports of {cohort_dir}: {run_dir / 'labels.csv'}")
 
 
@@ -120,9 +139,10 @@ def label(cohort: Path | None, run_dir: Path, lang: str, vocabulary: str, force:
               help="slices height width of the samples")
 @click.option("--window", default="abdomen", show_default=True, help="HU window preset (abdomen, liver, bone...)")
 @click.option("--nifti", is_flag=True, help="also write native-grid 3D NIfTI crops (bbox3d/)")
+@_SCHEDULER
 def crop(input_dir: Path | None, imagedir: Path | None, maskdir: Path | None, out_dir: Path, organs: tuple[str, ...],
          modes: tuple[str, ...], workers: int | None, layout: str, image_glob: str, margin_mm: float,
-         size: tuple[int, int, int], window: str, nifti: bool) -> None:
+         size: tuple[int, int, int], window: str, nifti: bool, scheduler: str | None) -> None:
     """Crop organs out of CTs with their masks into training samples, as notebook 02 does."""
     from lib import crop as cr
     from lib.io import SkippedCases
@@ -140,10 +160,11 @@ def crop(input_dir: Path | None, imagedir: Path | None, maskdir: Path | None, ou
                                    "unusable files)")
     structures = list(organs) or list(cr.DEFAULT_STRUCTURES)
     common = {"margin_mm": margin_mm, "window": window, "size": tuple(size)}
-    runs = [cr.crop_cohort(cases, structures, out_dir, mode=m, workers=workers, **common) for m in modes or ["bbox"]]
+    runs = [cr.crop_cohort(cases, structures, out_dir, mode=m, workers=workers, scheduler=scheduler, **common)
+            for m in modes or ["bbox"]]
     if nifti:
         runs.append(cr.crop_cohort(cases, structures, out_dir, mode="bbox", fmt="nifti", margin_mm=margin_mm,
-                                   workers=workers))
+                                   workers=workers, scheduler=scheduler))
     import pandas as pd
 
     skipped = pd.concat([r[1] for r in runs], ignore_index=True).drop_duplicates(["case", "file", "reason"])
@@ -256,11 +277,14 @@ def kfold_train(run_dir: Path, name: str, dataset: str | None, force: bool, para
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="predictions CSV")
 @click.option("--how", type=click.Choice(["mean", "mode"]), default="mean", show_default=True)
 @click.option("--threshold", type=float, default=0.5, show_default=True)
-def kfold_predict(checkpoints: tuple[str, ...], source: str, out_csv: str, how: str, threshold: float) -> None:
-    """Predictions CSV for a folder of images or crops with one model or a fold ensemble."""
+@_SCHEDULER
+def kfold_predict(checkpoints: tuple[str, ...], source: str, out_csv: str, how: str, threshold: float,
+                  scheduler: str | None) -> None:
+    """Predictions CSV for a folder of images or crops with one model or a fold ensemble (inputs decoded on
+    --scheduler, the models run here)."""
     from lib import kfold as kf
 
-    df = kf.predict(list(checkpoints), source, out_csv, how, threshold)
+    df = kf.predict(list(checkpoints), source, out_csv, how, threshold, scheduler=scheduler)
     click.echo(f"wrote {len(df)} rows to {out_csv}")
 
 
@@ -290,14 +314,19 @@ def kfold_merge(csvs: tuple[str, ...], out_csv: str, how: str, key: str | None) 
               help="output folder (default with --kfold: <kfold>/evaluate)")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="binary decision threshold")
 @click.option("--n-boot", type=click.IntRange(min=0), default=200, show_default=True, help="bootstrap resamples")
+@_SCHEDULER
 @_SEED
 def evaluate(kfold_dir: Path | None, weights: tuple[Path, ...], data: Path | None, out_dir: Path | None,
-             threshold: float | None, n_boot: int, seed: int) -> None:
-    """metrics.json, ROC, PR and confusion figures per fold (or model) and pooled."""
+             threshold: float | None, n_boot: int, scheduler: str | None, seed: int) -> None:
+    """metrics.json, ROC, PR and confusion figures per fold (or model) and pooled (with --weights, the images
+    are decoded on --scheduler)."""
     from lib import evaluate as ev
 
     if (kfold_dir is None) == (not weights):
         raise click.UsageError("give either --kfold DIR or --weights FILE --data DIR")
+    if kfold_dir is not None and scheduler is not None:
+        raise click.UsageError("--scheduler decodes the images of --weights/--data; --kfold reads the run's "
+                               "out-of-fold table and has no per-case work to distribute")
     if kfold_dir is not None:
         scores = ev.evaluate_kfold(kfold_dir, out_dir, threshold, n_boot, seed)
         out = out_dir or kfold_dir / "evaluate"
@@ -306,7 +335,7 @@ def evaluate(kfold_dir: Path | None, weights: tuple[Path, ...], data: Path | Non
         if data is None or out_dir is None:
             raise click.UsageError("--weights needs --data DIR and --out DIR")
         scores = ev.evaluate_weights(list(weights), data, out_dir, 0.5 if threshold is None else threshold, n_boot,
-                                     seed)
+                                     seed, scheduler=scheduler)
         out = out_dir
         headline = scores["models"]["ensemble" if len(weights) > 1 else "0"]
     shown = {k: round(v, 4) for k, v in headline.items() if k in ("n", "auc", "ap", "accuracy", "macro_f1")

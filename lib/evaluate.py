@@ -93,11 +93,13 @@ def folder_truth(data: str | Path) -> pd.DataFrame:
 
 
 def evaluate_weights(checkpoints: Sequence[str | Path], data: str | Path, out_dir: str | Path,
-                     threshold: float = 0.5, n_boot: int = 200, seed: int = config.DEFAULT_SEED) -> dict:
+                     threshold: float = 0.5, n_boot: int = 200, seed: int = config.DEFAULT_SEED,
+                     scheduler: str | None = None) -> dict:
     """Score each checkpoint, and their mean when there are several, on a class-per-folder image set.
 
     Inputs are read as the models were trained (``lib.kfold.predict``: the checkpoint's preprocessing); the
     truth is the class folder, mapped to the checkpoint's label names. Writes :data:`OUTPUTS` to ``out_dir``.
+    ``scheduler``: where the images are decoded (``lib.cluster``); the scores do not depend on it.
     """
     from lib import kfold, models
 
@@ -122,8 +124,10 @@ def evaluate_weights(checkpoints: Sequence[str | Path], data: str | Path, out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frames = []
+    if len(checkpoints) > 1:  # one pass over the images scores every model; the calls below reuse its results
+        kfold.predict(list(checkpoints), data, threshold=threshold, scheduler=scheduler)
     for k, ckpt in enumerate(checkpoints):
-        pred = kfold.predict([ckpt], data, threshold=threshold)
+        pred = kfold.predict([ckpt], data, threshold=threshold, scheduler=scheduler)
         pred["path"] = pred["path"].map(lambda p: str(Path(p).resolve()))
         frames.append(pred.merge(truth, on="path", how="inner").assign(model=k))
     if len(checkpoints) > 1:

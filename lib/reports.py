@@ -1353,16 +1353,19 @@ def read_labels(path: str | Path, columns: Sequence[str] | None = None,
 
 
 def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path | None = None,
-                 vocabulary: str = "abdominal-ct", force: bool = False) -> pd.DataFrame:
+                 vocabulary: str = "abdominal-ct", force: bool = False, scheduler: str | None = None) -> pd.DataFrame:
     """Label ``<cohort>/reports.csv`` and write ``run_dir/labels.csv`` + ``run_dir/evidence.csv``.
 
     Idempotent: when reports, vocabulary, triggers, code and arguments are unchanged the cached
     ``labels.csv`` is returned (its values checked: a hand-edited "2" is refused, not made a class).
     ``lang``: "en"/"ja" keep that language's rows; "auto" labels every row in its own language.
     reports.csv may be UTF-8 or Shift-JIS/CP932. Never reads ``ground_truth/`` (evaluation is
-    ``evaluate_against``).
+    ``evaluate_against``). ``scheduler``: None labels in this process; ``"local"`` or a Dask scheduler address
+    labels in chunks there (``lib.cluster.label_texts``), with the same files as a result.
     """
-    from lib import config
+    from lib import cluster, config
+
+    scheduler = cluster.check_scheduler(scheduler)
 
     cohort_dir = Path(cohort_dir)
     run_dir = config.resolve_run_dir(run_dir)
@@ -1395,7 +1398,9 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
     parts, evs = [], []
     for lg in sorted(set(langs)):
         idx = [i for i, x in enumerate(langs) if x == lg]
-        lab, ev, sk = _label_batch([texts[i] for i in idx], vocab.path, lg, [df["study_id"][i] for i in idx])
+        batch = ([texts[i] for i in idx], vocab.path, lg, [df["study_id"][i] for i in idx])
+        lab, ev, sk = (_label_batch(*batch) if scheduler is None
+                       else cluster.label_texts(*batch, scheduler=scheduler))
         lab.index = idx
         lab.attrs = {}  # unusable rows travel in ``skipped``; parts must concatenate whatever their attrs
         parts.append(lab)

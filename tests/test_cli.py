@@ -206,6 +206,62 @@ def test_evaluate_errors(tmp_path):
     assert code == 1 and "no metrics.json" in text and "Traceback" not in text
 
 
+# --------------------------------------------------------------------------------------------------- scheduler
+
+SCHEDULED = [["label"], ["crop"], ["kfold", "predict"], ["evaluate"]]
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", SCHEDULED, ids=" ".join)
+@pytest.mark.parametrize("value", ["http://host:8786", "tcp://", "cluster-7", str(Path("missing", "sched.json"))])
+def test_scheduler_option_refuses_bad_values_before_any_work(command, value, tmp_path):
+    code, text = invoke(*command, "--scheduler", value)
+    assert code == 2, text
+    assert "Invalid value for '--scheduler'" in text and "Traceback" not in text
+    assert ("expected" in text or "not found" in text) and value.split("://")[0] in text
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", SCHEDULED, ids=" ".join)
+def test_scheduler_option_is_documented(command):
+    code, out = invoke(*command, "--help")
+    assert code == 0 and "--scheduler" in out and "tcp://HOST:PORT" in out
+
+
+def test_evaluate_kfold_refuses_a_scheduler(tmp_path):
+    code, text = invoke("evaluate", "--kfold", str(tmp_path), "--scheduler", "local")
+    assert code == 2 and "--scheduler decodes the images of --weights" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_scheduler_local_gives_the_same_bytes_as_the_default(smoke_cohort, trained, image_folder, tmp_path):
+    """Each command with ``--scheduler local`` (a Dask LocalCluster) writes exactly the files of the default run."""
+    from lib import kfold
+
+    runs = {
+        "label": ["label", "--cohort", str(smoke_cohort), "--lang", "en", "--out"],
+        "crop": ["crop", "--input", str(smoke_cohort), "--organ", "liver", "--size", "8", "32", "32", "--out"],
+        "predict": ["kfold", "predict", "--ckpt", str(trained), "--input", str(image_folder), "--out"],
+        "evaluate": ["evaluate", "--weights", str(trained), "--weights", str(trained), "--data", str(image_folder),
+                     "--n-boot", "20", "--out"],
+    }
+    for name, args in runs.items():
+        trees = {}
+        for scheduler in ("none", "local"):
+            kfold._PREDICT_CACHE.clear()  # predictions are cached per input folder: decode again on the cluster
+            out = tmp_path / name / scheduler
+            target = out / "p.csv" if name == "predict" else out
+            code, text = invoke(*args, str(target), "--scheduler", scheduler)
+            assert code == 0, (name, scheduler, text)
+            trees[scheduler] = _tree_bytes(out)
+        assert trees["none"] and trees["none"].keys() == trees["local"].keys(), name
+        assert [k for k in trees["none"] if trees["none"][k] != trees["local"][k]] == [], name
+
+
 def test_serve_and_segment_errors(tmp_path):
     code, text = invoke("segment", "predict", "--model", str(tmp_path / "none.pt"), "--input", str(tmp_path),
                         "--out", str(tmp_path / "o"))
