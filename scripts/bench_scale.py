@@ -47,11 +47,15 @@ def results_source(raw: dict, commit: str, date: str) -> dict:
               for r in raw["label_fractions"]]
     return {"title": f"Report labels and cohort statistics of {f['studies']:,} synthetic studies in chunks",
             "command": raw["command"], "commit": commit, "date": date,
-            "machine": f"{m['cpus']} CPU cores, no GPU, shared with other jobs (1-minute load {m['loadavg_1min_end']} "
-                       f"at the end)",
+            "machine": f"{m['cpus']} CPU cores, no GPU, shared with other jobs (1-minute load "
+                       f"{m['loadavg_1min_start']} at the start, {m['loadavg_1min_end']} at the end)",
             "notes": [f"Chunks of {raw['chunk']} studies, languages {', '.join(raw['langs'])}, generated, labelled and "
                       f"summarised on the worker; nothing is written and no whole-cohort table exists. Wall-clock "
-                      f"throughput depends on the other jobs; CPU per study does not."],
+                      f"throughput depends on the other jobs; CPU per study much less.",
+                      "Statistics: per study the count, patients, age (mean, sd, min, max), share of women and the "
+                      "prevalence of each finding; per report the length in characters and sentences (mean, sd, "
+                      "min, max, histogram), the label values and the assertions. The image statistics of notebook "
+                      "00 (geometry, organ volume and HU per case) need rendered volumes and are not part of it."],
             "figures": figures,
             "tables": [{"title": "peak resident memory as the run advances", "columns": [
                 "studies", "seconds", "peak RSS MiB"], "rows": trace},
@@ -73,9 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_chunks = -(-args.studies // args.chunk)
     jobs = scale.chunk_jobs(args.studies, args.chunk, args.seed, args.langs, "abdominal-ct", "demo")
     start_rss = peak_rss_mib()
+    start_load = round(os.getloadavg()[0], 2)
     print(f"{args.studies} studies in {n_chunks} chunks of {args.chunk}, languages {args.langs}, scheduler "
           f"{args.scheduler or 'local process pool'}; peak RSS at start {start_rss:.0f} MiB; "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {start_load:.2f}")
     total: dict = {}
     trace = []
     t0 = time.perf_counter()
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         result = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                              "platform": platform.platform(), "loadavg_1min_end": round(os.getloadavg()[0], 2),
+                              "platform": platform.platform(), "loadavg_1min_start": start_load,
+                              "loadavg_1min_end": round(os.getloadavg()[0], 2),
                               "shared": "other processes shared the cores"},
                   "chunk": args.chunk, "langs": args.langs, "workers": args.workers, "scheduler": args.scheduler,
                   "figures": figures, "label_fractions": json.loads(tables["labels"].reset_index().to_json(
