@@ -779,7 +779,7 @@ def predict_probs(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
 def train_fold(data: SegData, train_idx: np.ndarray, val_idx: np.ndarray, cfg: SegConfig, out_dir: str | Path,
                target: str = "lesion") -> tuple[nn.Module, pd.DataFrame]:
     """One fold through the shared loop ``lib.train.fit`` (Adam + ReduceLROnPlateau on validation Dice)."""
-    from lib.train import TrainConfig, fit
+    from lib.train import TrainConfig, fit, rows_digest
 
     config.seed_everything(cfg.seed)
     model = build_model(cfg.model, data.x.shape[1], 1, cfg.encoder)
@@ -796,8 +796,11 @@ def train_fold(data: SegData, train_idx: np.ndarray, val_idx: np.ndarray, cfg: S
                        device="cpu" if not torch.cuda.is_available() else "auto", resume=cfg.resume,
                        progress=cfg.progress,
                        **({"threads": cfg.threads} if "threads" in TrainConfig.__dataclass_fields__ else {}))
+    settings = {"loss": cfg.loss, "augment": cfg.augment, "batch_size": cfg.batch_size, "patch_size": cfg.patch_size,
+                "pos_fraction": cfg.pos_fraction, "patches_per_epoch": cfg.patches_per_epoch,
+                "train_rows": rows_digest(train_idx), "val_rows": rows_digest(val_idx)}
     log = fit(model, train_loader, val_loader, make_seg_loss(cfg.loss), seg_metrics(cfg.threshold), tcfg, out_dir,
-              model_meta(cfg, data, target))
+              model_meta(cfg, data, target), settings)
     return model, log
 
 

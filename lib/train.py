@@ -81,7 +81,7 @@ class TrainConfig:
 #: TrainConfig fields that do not change what is trained (a resumed run may differ in them).
 RUNTIME_FIELDS = ("device", "resume", "progress", "threads", "extend", "save_every", "val_every")
 #: Checkpoint fields describing the model and its inputs; a resumed run must match them.
-RECIPE_FIELDS = ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing")
+RECIPE_FIELDS = ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing", "model_kwargs")
 
 
 class ConfigChangedError(ValueError):
@@ -103,10 +103,13 @@ def optimizer_name(name: str) -> str:
 
 
 def config_changes(stored: dict, cfg: TrainConfig, stored_recipe: dict | None = None,
-                   recipe: dict | None = None) -> list[str]:
-    """``"key: old -> new"`` for each training setting (and model recipe field) that differs from a checkpoint's.
+                   recipe: dict | None = None, stored_settings: dict | None = None,
+                   settings: dict | None = None) -> list[str]:
+    """``"key: old -> new"`` for each training setting (``TrainConfig``, model recipe field, and the caller's
+    ``settings`` outside both, e.g. augmentation or batch size) that differs from a checkpoint's.
 
     ``epochs`` counts as unchanged when ``cfg.extend`` is set and the run grows (the schedule is stretched).
+    A setting the checkpoint did not record counts as changed (``None`` before): its old value is unknown.
     """
     import json
 
@@ -122,7 +125,19 @@ def config_changes(stored: dict, cfg: TrainConfig, stored_recipe: dict | None = 
         old, new = (stored_recipe or {}).get(key), (recipe or {}).get(key)
         if plain(old) != plain(new):
             out.append(f"{key}: {old!r} -> {new!r}")
+    stored_settings, settings = stored_settings or {}, settings or {}
+    for key in sorted(set(stored_settings) | set(settings)):
+        old, new = stored_settings.get(key), settings.get(key)
+        if plain(old) != plain(new):
+            out.append(f"{key}: {old!r} -> {new!r}")
     return out
+
+
+def rows_digest(idx: np.ndarray) -> str:
+    """Short fingerprint of a row selection (a changed split is a changed training run)."""
+    import hashlib
+
+    return hashlib.sha1(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -430,13 +445,16 @@ def _validate(model, loader, loss_fn, evaluate_fn, device, channels_last, show) 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         evaluate_fn: Callable[[Tensor, Tensor], dict[str, float]],
-        cfg: TrainConfig, out_dir: str | Path, meta: dict) -> pd.DataFrame:
+        cfg: TrainConfig, out_dir: str | Path, meta: dict, settings: dict | None = None) -> pd.DataFrame:
     """Train ``model`` in place; write ``best.pt``, ``last.pt`` and ``log.csv`` to ``out_dir``; return the log.
 
     ``evaluate_fn(logits, targets)`` scores the concatenated validation outputs (a dict of floats; the
     ``cfg.monitor`` key drives checkpointing, early stopping and the plateau scheduler). With
     ``cfg.resume`` an existing ``last.pt`` continues the run and gives the same result as an
-    uninterrupted one. Under torchrun (``WORLD_SIZE>1``) the model is wrapped in DDP and only rank 0 writes.
+    uninterrupted one, and only with the same settings: ``cfg``, the recipe in ``meta`` and ``settings`` (what
+    else decides the weights: augmentation, batch size, training rows...) are stored in every checkpoint, and a
+    difference raises :class:`ConfigChangedError` naming each changed key. Under torchrun (``WORLD_SIZE>1``)
+    the model is wrapped in DDP and only rank 0 writes.
     On return the model holds the shipped weights (``best.pt``): the best epoch on ``cfg.monitor``, or with
     ``cfg.select='last'`` the last epoch -- for k-fold, where the validation fold is also the scored fold and
     picking its best epoch inflates the score and leaves each fold's probabilities at a different calibration.
@@ -478,7 +496,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     last = out_dir / "last.pt"
     if cfg.resume and last.exists():
         ckpt = read_checkpoint(last)
-        changed = config_changes(ckpt.get("train_config") or {}, cfg, ckpt, meta)
+        changed = config_changes(ckpt.get("train_config") or {}, cfg, ckpt, meta, ckpt.get("train_settings"),
+                                 settings)
         if changed:
             hint = (" (set extend=True to continue to more epochs)" if any(c.startswith("epochs:") for c in changed)
                     else "")
@@ -549,7 +568,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         rows.append(row)
         bar.set_postfix({"loss": f"{train_loss:.3f}", cfg.monitor: f"{monitored:.3f}"})
         if main:
-            ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "train_config": asdict(cfg)}
+            ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "train_config": asdict(cfg),
+                         "train_settings": dict(settings or {})}
             if improved or cfg.select == "last" or not (out_dir / "best.pt").exists():
                 save_checkpoint(out_dir / "best.pt", shipped, ckpt_meta)
             save_checkpoint(last, net, ckpt_meta, optimizer=opt.state_dict(),
@@ -651,7 +671,10 @@ def train_classifier(ds, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir: str | 
                                   ds.preprocessing, **(model_kwargs or {}))
     tr, va = make_loaders(ds, tr_idx, va_idx, batch_size, augment, cfg.seed, num_workers)
     evaluate = classification_metrics(ds.task, ds.label_names, uncertain)
-    log = fit(model, tr, va, loss_for(ds, tr_idx, uncertain, cfg.loss), evaluate, cfg, out_dir, meta)
+    settings = {"augment": augment, "batch_size": int(batch_size), "uncertain": uncertain,
+                "pretrained": bool(pretrained), "bn_momentum": bn_momentum, "train_rows": rows_digest(tr_idx),
+                "val_rows": rows_digest(va_idx)}
+    log = fit(model, tr, va, loss_for(ds, tr_idx, uncertain, cfg.loss), evaluate, cfg, out_dir, meta, settings)
     return model, log
 
 

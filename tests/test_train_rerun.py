@@ -4,6 +4,7 @@ optimizers by torch name, periodic checkpoints."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,76 @@ def test_model_from_user_file_trains_and_reloads(tmp_path: Path) -> None:
         models.create_model(f"{src}:wide", 2, 1)
     with pytest.raises(FileNotFoundError, match="model file not found"):
         models.create_model(str(tmp_path / "none.py"), 2, 1)
+
+
+# ------------------------------------------------------------------------- every setting that changes training
+
+def _tiny_dataset():
+    import numpy as np
+    import pandas as pd
+
+    from lib import datasets
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 16, 16, generator=g)
+    y = (torch.arange(16) % 2).float()[:, None]
+    table = pd.DataFrame({"case_id": [f"c{i}" for i in range(16)]})
+    return datasets.CachedDataset(x, y, table, ["square"], "binary"), np.arange(12), np.arange(12, 16)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"augment": "flip+rotate"}, "augment: 'light' -> 'flip+rotate'"),
+    ({"batch_size": 4}, "batch_size: 8 -> 4"),
+    ({"uncertain": "positive"}, "uncertain: 'ignore' -> 'positive'"),
+    ({"bn_momentum": 0.5}, "bn_momentum: None -> 0.5"),
+    ({"model_kwargs": {"drop_rate": 0.2}}, "model_kwargs: {} -> {'drop_rate': 0.2}"),
+    ({"loss": "focal"}, "loss: 'auto' -> 'focal'"),
+    ({"tr_idx": list(range(1, 12))}, "train_rows: "),
+])
+def test_train_classifier_refuses_each_changed_setting(tmp_path: Path, change: dict, named: str) -> None:
+    """Data pipeline, model and loss settings outside TrainConfig are stored and compared too: a re-run with any
+    one of them changed stops and names it, instead of continuing the old run under the new settings."""
+    ds, tr, va = _tiny_dataset()
+    base = {"augment": "light", "batch_size": 8, "uncertain": "ignore", "bn_momentum": None, "model_kwargs": None,
+            "loss": "auto", "tr_idx": tr}
+
+    def go(**kw):
+        kw = {**base, **kw}
+        cfg = train.TrainConfig(epochs=1, progress=False, seed=3, loss=kw.pop("loss"))
+        return train.train_classifier(ds, kw.pop("tr_idx"), va, tmp_path / "r", cfg, "resnet10t", **kw)
+
+    _, first = go()
+    with pytest.raises(train.ConfigChangedError, match=re.escape(named)) as err:
+        go(**change)
+    assert str(err.value).count(" -> ") == 1  # only the changed key is named
+    _, again = go()  # the unchanged settings resume the finished run
+    assert again["train_loss"].tolist() == first["train_loss"].tolist()
+
+
+def test_pretrained_and_unrecorded_settings_count_as_changes() -> None:
+    cfg = train.TrainConfig()
+    assert train.config_changes({}, cfg, {}, {}, {"pretrained": False}, {"pretrained": True}) == [
+        "pretrained: False -> True"]
+    # a checkpoint that did not record a setting cannot prove it unchanged
+    assert train.config_changes({}, cfg, {}, {}, None, {"augment": "light"}) == ["augment: None -> 'light'"]
+    assert train.config_changes({}, cfg, {}, {}, {"augment": "light"}, {"augment": "light"}) == []
+
+
+def test_segmentation_fold_refuses_changed_patch_settings(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from lib import segment
+
+    g = np.random.default_rng(0)
+    x = g.random((8, 1, 32, 32)).astype("float32")
+    y = np.zeros((8, 1, 32, 32), "float32")
+    y[::2, :, 8:16, 8:16] = 1
+    x[::2, :, 8:16, 8:16] += 1
+    table = pd.DataFrame({"case_id": [f"c{i}" for i in range(8)], "group": [f"g{i // 2}" for i in range(8)]})
+    data = segment.SegData(torch.from_numpy(x), torch.from_numpy(y), table, ["image"], {})
+    cfg = segment.SegConfig(epochs=1, batch_size=4, seed=1)
+    segment.train_fold(data, np.arange(6), np.arange(6, 8), cfg, tmp_path / "f")
+    with pytest.raises(train.ConfigChangedError, match=r"patch_size: 0 -> 16"):
+        segment.train_fold(data, np.arange(6), np.arange(6, 8), segment.SegConfig(epochs=1, batch_size=4, seed=1,
+                                                                                   patch_size=16), tmp_path / "f")
