@@ -50,7 +50,7 @@ TYPES: dict[str, dict[str, Any]] = {
         "n_slices": int, "image_size": int, "model_name": str, "pretrained": bool, "epochs": int, "batch_size": int,
         "lr": float, "optimizer": str, "scheduler": str, "patience": int, "augment": str, "num_workers": int,
         "threads": int, "val_fraction": float, "name": str, "min_val_score": float | None, "bn_momentum": float,
-        "ema_decay": float,
+        "ema_decay": float, "loss": str, "save_every": int, "extend": bool,
     },
     "04_kfold": {
         **_COMMON, "name": str, "dataset": PathLike, "label_source": str, "lang": str, "organ": str | None,

@@ -121,3 +121,21 @@ def test_pipeline_refuses_a_bad_profile_before_any_stage(tmp_path, monkeypatch):
 def test_type_names():
     assert params.type_name(params.TYPES["05_explain"]["checkpoints"]) == "list[str | Path] | None"
     assert params.type_name(params.TYPES["04_kfold"]["model_kwargs"]) == "dict[str, Any]"
+
+
+def test_notebook_03_takes_every_training_knob_of_mednb_train():
+    """What ``mednb train`` can set on ``TrainConfig`` is a notebook 03 parameter too, declared and passed on to
+    ``TrainConfig`` in the training cell (so ``mednb run -p loss=focal`` trains with the focal loss)."""
+    from dataclasses import fields
+
+    from lib import cli, train
+
+    knobs = {f.name for f in fields(train.TrainConfig)} & {p.name for p in cli.train.params}
+    assert {"loss", "save_every", "extend", "lr", "optimizer"} <= knobs
+    path = config.NOTEBOOKS / "03_train.ipynb"
+    assert knobs <= set(params.TYPES["03_train"]), sorted(knobs - set(params.TYPES["03_train"]))
+    code = "".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    call = code[code.index("train.TrainConfig("):]
+    call = call[:call.index(")\n")]
+    missing = [k for k in knobs if not re.search(rf"\b{k}={k}\b", call)]
+    assert not missing, f"notebook 03 does not pass {missing} to TrainConfig"
