@@ -487,8 +487,9 @@ def discover_dirs(imagedir: str | Path, maskdir: str | Path, image_glob: str = "
 
     ``maskdir/<case>.nii.gz`` is a multilabel map (label names from a class-map JSON in ``maskdir``, e.g.
     ``TotalSegmentator --ml`` output) and ``maskdir/<case>/`` a folder of per-structure masks (TotalSegmentator's
-    default output); ``<case>_0000`` images (nnU-Net channel suffix) match ``<case>`` masks. A case without a
-    mask stays in the table so the crop step reports it; empty image files are recorded in ``skipped``.
+    default output); ``<case>_0000`` images (nnU-Net channel suffix) match ``<case>`` masks. An image may also be
+    a DICOM series folder ``imagedir/<case>/``. A case without a mask stays in the table so the crop step reports
+    it; empty image files are recorded in ``skipped``.
     """
     imagedir, maskdir = Path(imagedir), Path(maskdir)
     for folder in (imagedir, maskdir):
@@ -498,9 +499,10 @@ def discover_dirs(imagedir: str | Path, maskdir: str | Path, image_glob: str = "
     cmap = _class_map(maps[0], _read_json(maps[0]), task) if maps else {}
     found = SkippedCases()
     rows = []
-    for img in _nii_files(imagedir, image_glob):
+    series = sorted(p for p in imagedir.iterdir() if p.is_dir())
+    for img in sorted([*_nii_files(imagedir, image_glob), *series], key=lambda p: p.name):
         stem = _stem(img)
-        if (err := _empty_file(img)) is not None:
+        if img.is_file() and (err := _empty_file(img)) is not None:
             found.add(stem, err, stage="discover")
             continue
         names = [stem, stem[:-5]] if stem.endswith("_0000") else [stem]
@@ -567,8 +569,12 @@ def _discover_nnunet(root: Path, image_glob: str = "*.nii*", skipped: SkippedCas
 
 
 def _discover_totalseg_dataset(root: Path, skipped: SkippedCases | None = None, **_: object) -> list[dict]:
+    """``<case>/ct.nii.gz`` or ``<case>/ct/`` (a DICOM series folder) + ``<case>/segmentations/``."""
     rows = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (d / "ct").is_dir() and (d / "segmentations").is_dir():
+            rows.append(case_row(d.name, d / "ct", d / "segmentations", "folder"))
+            continue
         cts = _nii_files(d, "ct.nii*")
         if cts:
             if (err := _empty_file(cts[0])) is not None:
@@ -650,6 +656,17 @@ def _discover_pairs(root: Path, image_glob: str = "*.nii*", task: str = "total",
         t = "total_mr" if match and _stem(match[0]).endswith("_mr") and "total_mr" in raw else task
         rows.append(case_row(case, img, mask, "multilabel", _class_map(maps[0], raw, t) if maps else {}))
     return rows
+
+
+def is_volume_cohort(path: str | Path) -> bool:
+    """True for a folder of CT volumes with organ masks in one of :func:`discover_cases`' layouts (what notebook
+    02 crops), as opposed to a class-per-folder tree of 2D images."""
+    root = Path(path)
+    if not root.is_dir():
+        return False
+    if (root / "studies.csv").exists() or (root / "imagesTr").is_dir() or _nii_files(root):
+        return True
+    return any((d / "segmentations").is_dir() for d in root.iterdir() if d.is_dir())
 
 
 def open_cases(dataset: str | Path = "synthetic-ct", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
@@ -837,8 +854,14 @@ def write_crop(crop: Crop, params: CropParams, out_dir: Path, rel: str) -> tuple
 
 
 def load_3d(path: str | Path) -> nib.Nifti1Image:
-    """``lib.io.load_nifti`` for one volume: trailing singleton axes (x, y, z, 1) dropped, real 4D refused."""
-    img = load_nifti(path)
+    """``lib.io.load_nifti`` for one volume, or a DICOM series folder (``lib.imageio.read_dicom_series``: RAS
+    affine, slope/intercept applied): trailing singleton axes (x, y, z, 1) dropped, real 4D refused."""
+    if Path(path).is_dir():
+        from lib.imageio import read_dicom_series
+
+        img = read_dicom_series(path)
+    else:
+        img = load_nifti(path)
     if img.ndim == 3:
         return img
     if any(n != 1 for n in img.shape[3:]):

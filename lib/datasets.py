@@ -526,6 +526,8 @@ def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = No
     both upstream steps are cached and only run when ``run_dir`` lacks their output; the ground truth rides
     along as ``truth``. Registered 2D sets (``brain-mri``, ``cxr-3class``): the class folders in
     ``../shared/data`` (or ``root``), grouped by duplicate ``group`` (``lib.splits.image_folder_table``).
+    A folder of CT volumes with organ masks (``lib.crop.is_volume_cohort``: the layouts notebook 02 crops) means
+    that run's crops (``run_dir/crops``) with its report labels (``run_dir/labels.csv``): :func:`own_crop_dataset`.
     Any other value is a path: a class-per-folder image tree (PNG/JPG/DICOM) or a CSV with ``path`` and
     ``label`` columns (grouped by ``patient_id`` or ``group`` when present, else by file).
     """
@@ -534,6 +536,11 @@ def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = No
     seed = config.DEFAULT_SEED if seed is None else seed
     info = lookup(dataset, stage)
     if isinstance(info, Path):
+        from lib import crop
+
+        if crop.is_volume_cohort(info):  # own CT cohort: notebook 02's crops + notebook 01's report labels
+            return own_crop_dataset(config.resolve_run_dir(run_dir, profile), organ, label_cols, task, kind,
+                                    n_slices, size, mask_mode, uncertain), "patient_id"
         if info.suffix.lower() == ".csv" and info.is_file():  # a table of image paths + a label column
             ds = csv_dataset(info, channels=channels, size=size)
             return ds, next((c for c in ("patient_id", "group") if c in ds.table), "path")
@@ -558,6 +565,27 @@ def build_dataset(dataset: str = "synthetic-ct", run_dir: str | Path | None = No
     folder = Path(root) if root else info.locate(profile, seed)
     ds, _ = _folder_dataset(folder, channels, size, list(info.classes) if info.classes else None, info.task)
     return ds, info.group_col
+
+
+def own_crop_dataset(run_dir: Path, organ: str | None = None, label_cols: Sequence[str] | str = "{organ}_abnormal",
+                     task: str = "binary", kind: str = "slab", n_slices: int = 8, size: int = 64,
+                     mask_mode: str = "none", uncertain: str = "ignore") -> CachedDataset:
+    """The organ crops of a run on the user's own CT cohort (notebook 02) joined with the labels notebook 01 read
+    from its reports; crops are grouped by the reports' ``patient_id`` when it is given (else one group per case),
+    so a patient's studies never span training and validation."""
+    for path, stage in ((run_dir / "crops" / "index.csv", "02 (organ crops)"), (run_dir / "labels.csv",
+                                                                                 "01 (report labels)")):
+        if not path.exists():
+            raise DataError(path, f"not found: run notebook {stage} on this cohort into the same run folder first")
+    labels = load_labels("reports", run_dir)
+    ds = crop_dataset(run_dir / "crops", labels, label_cols, organ, task, kind, n_slices, size, mask_mode, uncertain,
+                      mode="bbox")
+    if "patient_id" in labels:
+        given = labels.drop_duplicates("study_id").set_index("study_id")["patient_id"].astype("string").str.strip()
+        patient = ds.table["case_id"].astype(str).map(given.where(given != ""))
+        ds.table["patient_id"] = patient.fillna(ds.table["patient_id"].astype(str)).astype(str)
+    ds.skipped.save(run_dir / "skipped_dataset.csv")
+    return ds
 
 
 def _folder_dataset(root: Path, channels: int, size: int, classes: list[str] | None = None,

@@ -18,8 +18,8 @@ import pandas as pd
 import seaborn as sns
 
 from lib import cluster, config, synth
-from lib.crop import open_cases
-from lib.io import DataError, SkippedCases, load_case, voxel_volume_ml
+from lib.crop import load_3d, open_cases
+from lib.io import DataError, SkippedCases, check_same_grid, voxel_volume_ml
 from lib.reports import read_labels
 
 
@@ -29,7 +29,7 @@ class CTDataset:
 
     name: str
     root: Path
-    cases: pd.DataFrame  # case_id, patient_id, image, mask (absolute paths)
+    cases: pd.DataFrame  # case_id, patient_id, image, mask (absolute paths; mask: a label map or a folder)
     class_map: dict[int, str]
     reports: pd.DataFrame | None = None
     truth: pd.DataFrame | None = None  # only for EDA of the synthetic cohort; never for labelling
@@ -41,16 +41,21 @@ def open_dataset(dataset: str | Path = "synthetic-ct", profile: str = "smoke",
     ../shared/data) or a folder in any layout notebook 02 crops (synthetic, nnU-Net v1/v2 or MSD, TotalSegmentator,
     CT + mask pairs): the same case table (``lib.crop.open_cases``) and class-map reader as the crop stage.
 
-    Cases without a single label-map file (no mask found, or one file per structure) are left out.
+    Cases without a mask are left out. A folder of per-structure masks (TotalSegmentator's default output) counts
+    as one label map whose values follow the structure names in sorted order; images may be DICOM series folders.
     """
     from lib import datasets  # the registry module imports torch: only when a data set is opened
 
     cases, root = open_cases(dataset, profile, seed, stage="00_eda")
     found = datasets.lookup(dataset, "00_eda")
     class_map: dict[int, str] = {}
-    for raw in cases["class_map"]:
+    for raw in cases.loc[cases["mask_kind"] == "multilabel", "class_map"]:
         class_map.update({int(k): v for k, v in json.loads(raw or "{}").items()})
-    cases = cases[(cases["mask"] != "") & (cases["mask_kind"] == "multilabel")]
+    folders = [Path(m) for m in cases.loc[cases["mask_kind"] == "folder", "mask"] if Path(m).is_dir()]
+    per_structure = sorted({p.name.split(".nii")[0] for f in folders for p in f.glob("*.nii*")})
+    if per_structure and not class_map:
+        class_map = {i + 1: name for i, name in enumerate(per_structure)}
+    cases = cases[cases["mask"] != ""]
     cases = cases[["case_id", "patient_id", "image", "mask"]].reset_index(drop=True)
     reports = pd.read_csv(root / "reports.csv") if (root / "reports.csv").exists() else None
     truth_csv = root / "ground_truth" / "labels.csv"
@@ -93,12 +98,12 @@ def case_stats(case: dict, labels: dict[str, int], hu_sample: int, seed: int
     rng = np.random.default_rng([seed, zlib.crc32(str(case["case_id"]).encode())])
     skipped = SkippedCases()
     try:
-        img, seg = load_case(case["image"], case["mask"])
+        img = load_3d(case["image"])
+        lab = _label_map(img, case["image"], Path(case["mask"]), labels)
     except DataError as exc:
         skipped.add(case["case_id"], exc, stage="eda")
         return None, [], skipped.rows
     hu = np.asarray(img.dataobj, dtype=np.float32)
-    lab = np.asarray(seg.dataobj).astype(np.int32)
     zooms = nib.affines.voxel_sizes(img.affine)
     case_row = {"case_id": case["case_id"], "patient_id": case["patient_id"], "nx": hu.shape[0],
                 "ny": hu.shape[1], "slices": hu.shape[2], "spacing_xy_mm": float(zooms[0]),
@@ -114,6 +119,24 @@ def case_stats(case: dict, labels: dict[str, int], hu_sample: int, seed: int
                            "volume_ml": n * vox_ml, "hu_mean": float(vals.mean()) if n else np.nan,
                            "hu_std": float(vals.std()) if n else np.nan, "hu_sample": sample})
     return case_row, organ_rows, skipped.rows
+
+
+def _label_map(image: nib.Nifti1Image, image_path: str | Path, mask: Path, labels: dict[str, int]) -> np.ndarray:
+    """The case's label map: a multilabel file as stored, or a folder of per-structure masks merged into the
+    values of ``labels`` (a structure without a file stays absent); each mask checked to sit on the image grid."""
+    if not mask.is_dir():
+        seg = load_3d(mask)
+        check_same_grid(image, seg, image_path, mask)
+        return np.asarray(seg.dataobj).astype(np.int32)
+    lab = np.zeros(image.shape[:3], np.int32)
+    for name, value in labels.items():
+        path = next(iter(sorted(mask.glob(f"{name}.nii*"))), None)
+        if path is None:
+            continue
+        m = load_3d(path)
+        check_same_grid(image, m, image_path, path)
+        lab[np.asarray(m.dataobj) > 0] = value
+    return lab
 
 
 def hu_long(organs: pd.DataFrame, per_structure: int | None = None, seed: int = 0) -> pd.DataFrame:
@@ -161,8 +184,9 @@ def middle_slice_panel(ds: CTDataset, n: int = 4, window: tuple[float, float] = 
     fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), squeeze=False)
     lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
     for ax, case in zip(axes[0], cases.itertuples(), strict=False):
-        img, seg = load_case(case.image, case.mask)
-        hu, lab = np.asarray(img.dataobj), np.asarray(seg.dataobj)
+        img = load_3d(case.image)
+        hu, lab = np.asarray(img.dataobj), _label_map(img, case.image, Path(case.mask), {v: k for k, v in
+                                                                                           ds.class_map.items()})
         k = int(np.argmax((lab > 0).sum((0, 1))))
         ax.imshow(np.clip(hu[:, :, k].T, lo, hi), cmap="gray", origin="lower")
         ax.contour(lab[:, :, k].T, levels=np.arange(0.5, lab.max() + 1), linewidths=0.6, cmap="tab20",

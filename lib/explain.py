@@ -828,13 +828,25 @@ def synthetic_cases(run_dir: str | Path, meta: dict, profile: str, seed: int, cl
     """
     from lib import datasets
 
-    prep = dict(meta.get("preprocessing") or {})
     crops_dir = Path(crops_dir) if crops_dir else Path(run_dir) / "crops"
     if not (crops_dir / "index.csv").exists():
         from lib import crop
 
         crop.ensure_crops(run_dir, profile, seed)
     truth = datasets.load_labels("truth", cohort_dir=datasets.locate("synthetic-ct", profile, seed)[1])
+    return crop_cases(crops_dir, truth, meta, class_idx, crop_mode)
+
+
+def crop_cases(crops_dir: str | Path, labels: pd.DataFrame, meta: dict, class_idx: int = 0,
+               crop_mode: str | None = "bbox") -> Cases:
+    """Organ crops in ``crops_dir`` as the models saw them, with ``labels`` (study_id + label columns: the
+    synthetic ground truth, or on an own cohort the report labels) for output ``class_idx``, and the crops'
+    lesion masks where present (none: maps are scored by deletion only)."""
+    from lib import datasets
+
+    prep = dict(meta.get("preprocessing") or {})
+    crops_dir = Path(crops_dir)
+    truth = labels
     cols = prep.get("label_cols") or list(meta.get("label_names") or [])
     cols = cols if isinstance(cols, str) else list(cols)  # a "{organ}_abnormal" template stays a string
     ds = datasets.crop_dataset(crops_dir, truth, cols, organ=prep.get("organ"), task=meta["task"],

@@ -478,12 +478,13 @@ def metrics_table(summary: dict) -> pd.DataFrame:
 def predict_source(dataset: str | Path, run_dir: str | Path, profile: str = "smoke",
                    seed: int = config.DEFAULT_SEED) -> Path:
     """The folder ``predict`` reads for a dataset (any registered name or alias, or a folder/CSV): the run's
-    crops for crop-based sets, else the set's image folder."""
+    crops for crop-based sets and CT cohort folders, else the set's image folder."""
     from lib import datasets
+    from lib.crop import is_volume_cohort
 
     found = datasets.lookup(dataset, "04_kfold")
     if isinstance(found, Path):
-        return found
+        return Path(run_dir) / "crops" if is_volume_cohort(found) else found
     return Path(run_dir) / "crops" if found.inputs == "crops" else found.locate(profile, seed)
 
 

@@ -164,6 +164,9 @@ def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dic
     """Why stage ``stem`` does not apply to a study (its effective parameters ``values``, and every stage's
     overrides ``study``), or None when it runs. A 2D image set has no reports to label, no CT volumes with organ
     masks to crop or describe, and no segmentation masks (its explanations are scored by deletion only)."""
+    if stem.startswith("06") and str(values.get("dataset")) not in SEGMENTATION_SETS:
+        return (f"dataset {values.get('dataset')}: not a segmentation set (images with lesion masks); notebook 06 "
+                f"segments {', '.join(SEGMENTATION_SETS)}")
     datasets = {v.get("dataset") for v in (study or {}).values() if "dataset" in v}
     image_set = next((d for d in datasets if is_image_set(d)), None)
     if image_set is None:
@@ -175,7 +178,4 @@ def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dic
         return f"dataset {image_set}: labels come from its class folders, there are no reports to label"
     if stem.startswith("02"):
         return f"dataset {image_set}: 2D images, no CT volumes with organ masks to crop"
-    if stem.startswith("06") and str(values.get("dataset")) not in SEGMENTATION_SETS:
-        return (f"dataset {values.get('dataset')}: a classification set without masks; notebook 06 segments "
-                f"{', '.join(SEGMENTATION_SETS)}")
     return None

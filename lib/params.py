@@ -34,7 +34,8 @@ TYPES: dict[str, dict[str, Any]] = {
         **_COMMON, "dataset": PathLike, "structures": list[str], "min_cases": int, "scheduler": str | None,
     },
     "01_labels_from_reports": {
-        **_COMMON, "cohort": PathLike | None, "lang": str, "vocabulary": PathLike, "compare_langs": list[str],
+        **_COMMON, "cohort": PathLike | None, "reports_csv": PathLike | None, "report_columns": dict[str, str],
+        "lang": str, "vocabulary": PathLike, "compare_langs": list[str],
         "uncertain_as": int, "f1_floor": float, "precision_floor": float, "max_missed": float, "n_examples": int,
         "scheduler": str | None,
     },

@@ -27,7 +27,7 @@ import math
 import re
 import unicodedata
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -1276,13 +1276,30 @@ def decode_text_file(path: Path, raw: bytes) -> tuple[str, str]:
     return text, "cp932"
 
 
-def read_reports_csv(path: str | Path) -> tuple[pd.DataFrame, SkippedCases]:
+#: Columns of a reports table the labeller reads (``study_id`` and ``text`` required, the others optional).
+REPORT_COLUMNS = ("study_id", "text", "patient_id", "lang")
+
+
+def report_column_map(columns: Mapping[str, str] | None) -> dict[str, str]:
+    """``{standard name: column in the user's CSV}`` checked: only :data:`REPORT_COLUMNS` may be mapped."""
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(REPORT_COLUMNS))
+    if unknown:
+        raise ValueError(f"report columns {unknown} are not report fields; map any of {list(REPORT_COLUMNS)} to "
+                         "your CSV's column names, e.g. {'study_id': '検査ID', 'text': '所見'}")
+    return {k: str(v) for k, v in columns.items()}
+
+
+def read_reports_csv(path: str | Path, columns: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, SkippedCases]:
     """reports.csv as strings, decoded as UTF-8 or Shift-JIS/CP932 (``df.attrs["encoding"]``).
 
+    ``columns`` maps the standard names (``study_id``, ``text``, ``patient_id``, ``lang``) to the CSV's own
+    column names (``{"study_id": "検査ID", "text": "所見"}``); the table comes back with the standard names.
     Returns the table and the skip records of its rows (none are produced while reading; the batch
     labeller adds unusable rows).
     """
     path = Path(path)
+    mapping = report_column_map(columns)
     if not path.exists():
         raise DataError(path, "file not found")
     decoded, encoding = decode_text_file(path, path.read_bytes())
@@ -1290,9 +1307,17 @@ def read_reports_csv(path: str | Path) -> tuple[pd.DataFrame, SkippedCases]:
         df = pd.read_csv(io.StringIO(decoded), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(path, f"not a readable CSV ({exc})") from exc
+    df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
+    absent = {k: v for k, v in mapping.items() if v not in df.columns}
+    if absent:
+        raise DataError(path, "mapped column(s) not found: " + ", ".join(f"{k} -> {v!r}" for k, v in absent.items())
+                        + f"; found {list(df.columns)}")
+    clash = sorted(k for k, v in mapping.items() if k in df.columns and v != k)
+    df = df.drop(columns=clash).rename(columns={v: k for k, v in mapping.items()})
     missing = {"study_id", "text"} - set(df.columns)
     if missing:
-        raise DataError(path, f"missing column(s) {sorted(missing)}; found {list(df.columns)}")
+        hint = " (name your CSV's columns with report_columns, e.g. {'study_id': '検査ID', 'text': '所見'})"
+        raise DataError(path, f"missing column(s) {sorted(missing)}; found {list(df.columns)}{hint}")
     df.attrs["encoding"] = encoding
     return df, SkippedCases()
 
@@ -1353,8 +1378,10 @@ def read_labels(path: str | Path, columns: Sequence[str] | None = None,
 
 
 def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path | None = None,
-                 vocabulary: str = "abdominal-ct", force: bool = False, scheduler: str | None = None) -> pd.DataFrame:
-    """Label ``<cohort>/reports.csv`` and write ``run_dir/labels.csv`` + ``run_dir/evidence.csv``.
+                 vocabulary: str = "abdominal-ct", force: bool = False, scheduler: str | None = None,
+                 reports_csv: str | Path | None = None, columns: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Label ``<cohort>/reports.csv`` (or ``reports_csv``, its columns named by ``columns`` as in
+    :func:`read_reports_csv`) and write ``run_dir/labels.csv`` + ``run_dir/evidence.csv``.
 
     Idempotent: when reports, vocabulary, triggers, code and arguments are unchanged the cached
     ``labels.csv`` is returned (its values checked: a hand-edited "2" is refused, not made a class).
@@ -1369,18 +1396,19 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
 
     cohort_dir = Path(cohort_dir)
     run_dir = config.resolve_run_dir(run_dir)
-    path = cohort_dir / "reports.csv"
+    path = Path(reports_csv) if reports_csv else cohort_dir / "reports.csv"
     if not path.exists():
-        raise DataError(path, "file not found (expected a reports.csv with study_id and text columns)")
+        raise DataError(path, "file not found (expected a reports CSV with study_id and text columns)")
     vocab = load_vocabulary(vocabulary)
-    key = fingerprint({"lang": lang, "vocabulary": str(vocabulary)}, ("lib.reports",),
+    columns = report_column_map(columns)
+    key = fingerprint({"lang": lang, "vocabulary": str(vocabulary), "columns": columns}, ("lib.reports",),
                       files=[path, vocab.path, VOCAB_DIR / "triggers.yaml"])
     meta_path, labels_path, ev_path = run_dir / "labels.json", run_dir / "labels.csv", run_dir / "evidence.csv"
     if (not force and meta_path.exists() and labels_path.exists() and ev_path.exists()
             and json.loads(meta_path.read_text()).get("key") == key):
         return read_labels(labels_path)
 
-    df, skipped = read_reports_csv(path)
+    df, skipped = read_reports_csv(path, columns)
     if "lang" not in df.columns:
         df["lang"] = lang if lang in LANGS else ""
     if "patient_id" not in df.columns:
@@ -1417,8 +1445,8 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
         skipped.save(skip_path)
     elif skip_path.exists():
         skip_path.unlink()
-    write_json(meta_path, {"key": key, "cohort": str(cohort_dir), "lang": lang, "vocabulary": str(vocabulary),
-                           "n_reports": len(out), "n_unusable": len(skipped),
+    write_json(meta_path, {"key": key, "cohort": str(cohort_dir), "reports": str(path), "lang": lang,
+                           "vocabulary": str(vocabulary), "n_reports": len(out), "n_unusable": len(skipped),
                            "encoding": df.attrs.get("encoding", "utf-8")})
     return read_labels(labels_path)
 
