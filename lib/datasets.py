@@ -428,10 +428,10 @@ register(DatasetInfo("synthetic-ct", "3d", "binary", "patient_id", True,
 register(DatasetInfo("ct-totalseg", "3d", None, "patient_id", False, ("00_eda", "02_crop_organs"),
                      _shared("ct-totalseg"), inputs="volumes", layout="pairs", image_glob="example_ct*.nii.gz",
                      description="TotalSegmentator example CTs with their organ segmentation"))
-register(DatasetInfo("brain-mri", "2d", "binary", "group", False, ("03_train", "04_kfold"),
+register(DatasetInfo("brain-mri", "2d", "binary", "group", False, ("00_eda", "03_train", "04_kfold"),
                      _shared("brain-mri-tumor"), aliases=("brain",), classes=("no", "yes"),
                      description="brain MRI slices, tumour yes/no"))
-register(DatasetInfo("cxr-3class", "2d", "multiclass", "group", False, ("03_train", "04_kfold"),
+register(DatasetInfo("cxr-3class", "2d", "multiclass", "group", False, ("00_eda", "03_train", "04_kfold"),
                      _shared("cxr-covid-3class", "Covid19-dataset"), aliases=("cxr",),
                      description="chest radiographs: Covid / normal / viral pneumonia"))
 register(DatasetInfo("trus", "2d", "segmentation", "patient_id", True, ("06_segment",), _synthetic_trus,

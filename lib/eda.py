@@ -195,3 +195,103 @@ def middle_slice_panel(ds: CTDataset, n: int = 4, window: tuple[float, float] = 
         ax.axis("off")
     sns.despine(fig)
     return fig
+
+
+# ----------------------------------------------------------------------------- 2D image sets
+
+
+@dataclass
+class ImageSet:
+    """A class-per-folder 2D image set as the training notebooks see it: one row per readable image with its
+    class, split folder and duplicate group (``lib.splits.image_folder_table``)."""
+
+    name: str
+    root: Path
+    table: pd.DataFrame  # path, label, split, sha1, exact_group, group
+    skipped: SkippedCases
+
+
+def is_image_set(dataset: str | Path) -> bool:
+    """True for a 2D classification set: a registered one (``brain-mri``, ``cxr``) or a folder of class
+    sub-folders (not a CT cohort in one of notebook 02's layouts)."""
+    from lib import datasets
+    from lib.crop import is_volume_cohort
+
+    found = datasets.lookup(dataset)
+    if isinstance(found, Path):
+        return found.is_dir() and not is_volume_cohort(found)
+    return found.kind == "2d" and found.task in ("binary", "multiclass")
+
+
+def open_image_set(dataset: str | Path, profile: str = "smoke", seed: int = config.DEFAULT_SEED) -> ImageSet:
+    """The images of a 2D set (its registered folder, or the folder given), grouped by duplicates."""
+    from lib import datasets
+    from lib.splits import image_folder_table
+
+    found = datasets.lookup(dataset)
+    root = found if isinstance(found, Path) else found.locate(profile, seed)
+    skipped = SkippedCases()
+    table = image_folder_table(root, skipped=skipped)
+    return ImageSet(root.name if isinstance(found, Path) else found.name, root, table, skipped)
+
+
+def image_stats(images: ImageSet) -> pd.DataFrame:
+    """Per image: class, split, duplicate group and its size, width x height, channels and file size.
+
+    Sizes come from the file header (PIL opens lazily) or, for DICOM, from ``lib.imageio``'s reader; the
+    spread of sizes and colour modes is what the training input size and channel choice must cope with.
+    """
+    from PIL import Image
+
+    from lib.imageio import read_image
+
+    rows = []
+    group_size = images.table.groupby("group")["path"].transform("size")
+    for rec, n_group in zip(images.table.to_dict("records"), group_size, strict=True):
+        path = Path(rec["path"])
+        try:
+            with Image.open(path) as im:
+                width, height, channels = im.size[0], im.size[1], len(im.getbands())
+        except Exception:  # not a PIL format (DICOM): the project's reader
+            arr = read_image(path)
+            height, width = arr.shape[:2]
+            channels = arr.shape[2] if arr.ndim == 3 else 1
+        rows.append({"path": str(path), "label": rec["label"], "split": rec.get("split", ""),
+                     "group": rec["group"], "group_size": int(n_group), "width": int(width), "height": int(height),
+                     "channels": int(channels), "kbytes": path.stat().st_size / 1024})
+    return pd.DataFrame(rows)
+
+
+def image_set_figure(stats: pd.DataFrame) -> plt.Figure:
+    """Class balance (per split folder), image sizes per class, and the share of images in duplicate groups."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    sns.countplot(stats, x="label", hue="split" if stats["split"].nunique() > 1 else None, ax=axes[0])
+    axes[0].set_title("images per class")
+    sns.scatterplot(stats, x="width", y="height", hue="label", ax=axes[1], alpha=0.6, s=14)
+    axes[1].set_title("image size (pixels)")
+    dup = stats.assign(duplicated=stats["group_size"] > 1).groupby("label")["duplicated"].mean().reset_index()
+    sns.barplot(dup, x="label", y="duplicated", ax=axes[2])
+    axes[2].set(title="share in a duplicate group", ylabel="fraction", ylim=(0, 1))
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    return fig
+
+
+def image_examples(stats: pd.DataFrame, per_class: int = 3, seed: int = config.DEFAULT_SEED) -> plt.Figure:
+    """A few images of every class (as the project's reader returns them)."""
+    from lib.imageio import read_image
+
+    labels = sorted(stats["label"].unique())
+    fig, axes = plt.subplots(len(labels), per_class, figsize=(2.4 * per_class, 2.4 * len(labels)), squeeze=False)
+    for row, label in zip(axes, labels, strict=True):
+        pick = stats[stats["label"] == label].sample(min(per_class, (stats["label"] == label).sum()),
+                                                      random_state=seed % 2**32)
+        for ax in row:
+            ax.axis("off")
+        for ax, path in zip(row, pick["path"], strict=False):
+            arr = read_image(path)
+            ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
+            ax.set_title(f"{label}: {Path(path).name[:18]}", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -163,7 +163,8 @@ def is_image_set(dataset: object) -> bool:
 def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dict] | None = None) -> str | None:
     """Why stage ``stem`` does not apply to a study (its effective parameters ``values``, and every stage's
     overrides ``study``), or None when it runs. A 2D image set has no reports to label, no CT volumes with organ
-    masks to crop or describe, and no segmentation masks (its explanations are scored by deletion only)."""
+    masks to crop, and no segmentation masks (its explanations are scored by deletion only; notebook 00 describes its
+    classes, image sizes and duplicates); notebook 06 runs only on a segmentation set."""
     if stem.startswith("06") and str(values.get("dataset")) not in SEGMENTATION_SETS:
         return (f"dataset {values.get('dataset')}: not a segmentation set (images with lesion masks); notebook 06 "
                 f"segments {', '.join(SEGMENTATION_SETS)}")
@@ -171,9 +172,6 @@ def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dic
     image_set = next((d for d in datasets if is_image_set(d)), None)
     if image_set is None:
         return None
-    if stem.startswith("00"):
-        return (f"dataset {image_set}: notebook 00 describes CT cohorts (HU per organ, organ volumes); a 2D set's "
-                "classes and duplicate groups are shown by notebooks 03 and 04")
     if stem.startswith("01"):
         return f"dataset {image_set}: labels come from its class folders, there are no reports to label"
     if stem.startswith("02"):

@@ -1377,6 +1377,18 @@ def read_labels(path: str | Path, columns: Sequence[str] | None = None,
     return df
 
 
+def with_report_defaults(df: pd.DataFrame, lang: str) -> pd.DataFrame:
+    """A reports table with ``lang`` (``lang`` when the CSV has no language column; lower-cased) and
+    ``patient_id`` (blank when absent) columns, as the labeller and the notebooks read it."""
+    df = df.copy()
+    if "lang" not in df.columns:
+        df["lang"] = lang if lang in LANGS else ""
+    if "patient_id" not in df.columns:
+        df["patient_id"] = ""
+    df["lang"] = df["lang"].str.strip().str.lower()
+    return df
+
+
 def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path | None = None,
                  vocabulary: str = "abdominal-ct", force: bool = False, scheduler: str | None = None,
                  reports_csv: str | Path | None = None, columns: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -1409,11 +1421,7 @@ def label_cohort(cohort_dir: str | Path, lang: str = "ja", run_dir: str | Path |
         return read_labels(labels_path)
 
     df, skipped = read_reports_csv(path, columns)
-    if "lang" not in df.columns:
-        df["lang"] = lang if lang in LANGS else ""
-    if "patient_id" not in df.columns:
-        df["patient_id"] = ""
-    df["lang"] = df["lang"].str.strip().str.lower()
+    df = with_report_defaults(df, lang)
     if lang in LANGS:
         df = df[df["lang"] == lang]
         if df.empty:

@@ -348,6 +348,10 @@ def test_stages_that_do_not_apply_are_skipped_with_the_reason(tmp_path, monkeypa
     assert overrides.not_applicable("03_train", {"dataset": "brain-mri"}, {"03_train": {"dataset": "brain-mri"}}) \
         is None
     assert overrides.not_applicable("02_crop_organs", {}, {"04_kfold": {"dataset": "synthetic-ct"}}) is None
+    assert overrides.not_applicable("00_eda", {"dataset": "cxr"}, {"00_eda": {"dataset": "cxr"}}) is None  # 2D EDA
+    assert "not a segmentation set" in overrides.not_applicable("06_segment", {"dataset": "/data/ct"},
+                                                                {"06_segment": {"dataset": "/data/ct"}})
+    assert overrides.not_applicable("06_segment", {"dataset": "trus"}) is None
     report = (tmp_path / "runs" / "s1" / "report.html").read_text()
     assert "skipped: dataset brain-mri: labels come from its class folders" in report
 

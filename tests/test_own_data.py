@@ -120,8 +120,8 @@ def test_reports_csv_with_its_own_column_names(tmp_path: Path) -> None:
 def test_own_cohort_through_the_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ct, csv = own_cohort(tmp_path / "study")
     study = {
-        "dataset": str(ct), "reports_csv": str(csv), "report_columns": COLUMNS,
-        "02": {"structures": STRUCTURES, "modes": ["bbox"], "verify_cases": 2, "n_gallery": 1, "dicom_dir": ""},
+        "dataset": str(ct), "reports_csv": str(csv), "report_columns": COLUMNS, "structures": STRUCTURES,
+        "02": {"modes": ["bbox"], "verify_cases": 2, "n_gallery": 1, "dicom_dir": ""},
         "03": {"epochs": 2},
         # ~20 studies: the floors of the synthetic smoke run do not apply; this test checks the plumbing
         "04": {"epochs": 3, "n_splits": 2, "min_oof_auc": 0.0},

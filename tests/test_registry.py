@@ -67,6 +67,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _eda(name: str, run: Path) -> int:
+    if eda.is_image_set(name):  # 2D sets: classes, sizes and duplicate groups
+        images = eda.open_image_set(name, "smoke", SEED)
+        stats = eda.image_stats(images)
+        assert images.name == datasets.canonical(name) and (stats[["width", "height", "channels"]] > 0).all().all()
+        return len(stats)
     ds = eda.open_dataset(name, "smoke", SEED)
     assert ds.class_map and ds.name == datasets.canonical(name)
     return len(ds.cases)
