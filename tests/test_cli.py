@@ -356,6 +356,26 @@ def test_stages_that_do_not_apply_are_skipped_with_the_reason(tmp_path, monkeypa
     assert "skipped: dataset brain-mri: labels come from its class folders" in report
 
 
+@pytest.mark.parametrize(("dataset", "folder"), [("brain-mri", "brain-mri-tumor"), ("cxr", "cxr-covid-3class")])
+def test_eda_runs_on_2d_sets_and_the_ct_stages_are_skipped(tmp_path, monkeypatch, dataset, folder):
+    """Notebook 00 describes a 2D set (classes, sizes, duplicate groups); reports, crops and segmentation are
+    recorded as skipped with their reason."""
+    from tests.conftest import shared
+
+    shared(folder)
+    monkeypatch.setattr(config, "RUNS", tmp_path / "runs")
+    code, text = invoke("run", "--profile", "smoke", "--only", "00", "--only", "01", "--only", "02", "--only", "06",
+                        "-p", f"dataset={dataset}", "--run-id", "e")
+    info = json.loads((tmp_path / "runs" / "e" / "run.json").read_text())
+    status = {s["notebook"][:2]: s["status"] for s in info["stages"]}
+    assert code == 0 and status == {"00": "ok", "01": "skipped", "02": "skipped", "06": "skipped"}, (status, text)
+    images = pd.read_csv(tmp_path / "runs" / "e" / "eda" / "images.csv")
+    assert images["label"].nunique() == (2 if dataset == "brain-mri" else 3)
+    assert len(images) > 200 and (images[["width", "height"]] > 0).all().all()
+    assert (images.groupby("group")["label"].nunique() == 1).all()  # duplicates never span classes in these sets
+    assert (tmp_path / "runs" / "e" / "eda" / "figures" / "image_set.png").exists()
+
+
 def test_predict_source_takes_aliases_and_paths(tmp_path):
     from lib import kfold
 
