@@ -149,10 +149,15 @@ def find_target_layer(model: nn.Module, example: Tensor, layer: str | None = Non
 def activation(task: str) -> Callable[[Tensor], Tensor]:
     """Logits -> probabilities the way the model was trained (sigmoid per output, or softmax)."""
     if task == "multiclass":
-        return lambda t: t.softmax(1)
+        return _softmax
     if task in ("binary", "multilabel"):
         return torch.sigmoid
     raise ValueError(f"task must be binary|multiclass|multilabel, got {task!r}")
+
+
+def _softmax(t: Tensor) -> Tensor:
+    """Softmax over classes: a module-level function, so explainers pickle into the worker pool."""
+    return t.softmax(1)
 
 
 def _identity(x: Tensor) -> Tensor:

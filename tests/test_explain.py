@@ -382,3 +382,15 @@ def test_slice_mil_gradcam_is_one_map_per_study() -> None:
     assert ex.map(x).shape == (2, 48, 48)
     with pytest.raises(ValueError, match="SliceMIL"):
         ex.map(x, "gradcampp")
+
+
+def test_multiclass_activation_pickles_into_the_worker_pool():
+    """Explanations of a multi-class model (cxr) run in a process pool: the explainer, activation included, must
+    pickle."""
+    import pickle
+
+    import torch
+
+    act = pickle.loads(pickle.dumps(explain.activation("multiclass")))
+    t = torch.tensor([[1.0, 2.0, 0.5]])
+    assert torch.allclose(act(t), t.softmax(1))
