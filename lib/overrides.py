@@ -151,8 +151,16 @@ def study_overrides(stems: Sequence[str], config_file: str | Path | None = None,
 
 #: Classification sets of 2D images (``lib.datasets``): no CT volumes, organ masks or reports.
 IMAGE_SETS = ("brain-mri", "brain", "cxr", "cxr-3class")
-#: Datasets notebook 06 segments.
-SEGMENTATION_SETS = ("trus", "ms-lesion", "ct-organs")
+
+
+def segments(dataset: object) -> bool:
+    """True for a data set (name or alias) that the registry lists for notebook 06."""
+    from lib import datasets
+
+    try:
+        return datasets.get(str(dataset)).applies_to("06_segment")
+    except ValueError:
+        return False
 
 
 def is_image_set(dataset: object) -> bool:
@@ -175,7 +183,9 @@ def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dic
         return f"dataset {image_set}: labels come from its class folders, there are no reports to label"
     if stem.startswith("02"):
         return f"dataset {image_set}: 2D images, no CT volumes with organ masks to crop"
-    if stem.startswith("06") and str(values.get("dataset")) not in SEGMENTATION_SETS:
+    if stem.startswith("06") and not segments(values.get("dataset")):
+        from lib import datasets
+
         return (f"dataset {values.get('dataset')}: a classification set without masks; notebook 06 segments "
-                f"{', '.join(SEGMENTATION_SETS)}")
+                f"{', '.join(datasets.names('06_segment'))}")
     return None

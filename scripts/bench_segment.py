@@ -7,7 +7,7 @@ preprocessed batches (torch vs the ``export_segmenter`` graph in ONNX Runtime), 
 call per image (preprocessing + network + mapping back), which is what ``POST /segment`` pays. Random
 weights: speed does not depend on training.
 
-Usage: .venv/bin/python scripts/bench_segment.py [--model fpn] [--encoder resnet18] [--size 128]
+Usage: .venv/bin/python scripts/bench_segment.py [--model smp:fpn-resnet18] [--size 128]
        [--batch 16] [--steps 5] [--n 32] [--threads 1] [--denoise none] [--patch 64]
 
 ``--patch P`` also times the lesion-aware patch sampler (``SegDataset`` with ``patch_size=P``: MONAI
@@ -52,8 +52,8 @@ def rate(fn: Callable[[int], object], n: int, per_call: int = 1) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=segmodel.DEFAULT_MODEL)
-    ap.add_argument("--encoder", default=segmodel.DEFAULT_ENCODER)
+    ap.add_argument("--model", default=segmodel.DEFAULT_SEGMENTER, help="lib.models name: smp:<arch>-<encoder> or "
+                    "monai:<net>")
     ap.add_argument("--size", type=int, default=segprep.DEFAULT_SIZE, help="network input height/width")
     ap.add_argument("--batch", type=int, default=16, help="training and batched-inference batch size")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps")
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     raw = segdata.RawSet([i[None] for i in imgs], list(masks),
                          pd.DataFrame({"case_id": range(len(imgs)), "group": 0}), ["bmode"])
     data = segdataset.prepare_dataset(raw, pre)
-    print(f"{args.model}/{args.encoder} input 1x{args.size}x{args.size}, batch {args.batch}, "
+    print(f"{args.model} input 1x{args.size}x{args.size}, batch {args.batch}, "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}")
 
-    model = segmodel.build_model(args.model, 1, 1, args.encoder)
+    model = segmodel.build_model(args.model, 1, 1)
     loss_fn, opt = segmodel.make_seg_loss("dicece"), torch.optim.Adam(model.parameters(), lr=1e-3)
     xb, yb = data.x[:args.batch], data.y[:args.batch]
 
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
 
         rows.append((f"train step on {args.patch} px patches", rate(patch_step, args.steps, len(xp))))
     model.eval()
-    meta = {**checkpoint_meta(args.model, 1, 1, "segmentation", ["lesion"], data.preprocessing, encoder=args.encoder),
+    meta = {**checkpoint_meta(args.model, 1, 1, "segmentation", ["lesion"], data.preprocessing,
+                            **segmodel.network_kwargs(args.model)),
             "threshold": 0.5}
     with tempfile.TemporaryDirectory() as tmp:
         from lib.models import save_checkpoint

@@ -239,7 +239,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")
     trus = st.ensure_trus("smoke", root=root / "trus", n_patients=4, images_per_patient=2, size=48)
     data = sds.prepare_dataset(sdata.load_trus(trus), spre.Preprocess(size=32))
-    cfg = strain.SegConfig(model="monai-unet", epochs=2, batch_size=4, n_splits=2, resume=False, n_boot=200)
+    cfg = strain.SegConfig(model="monai:UNet", epochs=2, batch_size=4, n_splits=2, resume=False, n_boot=200)
     res = strain.cross_validate(data, cfg, root / "run", folds=[0])
     return root, trus, data, res
 
@@ -316,7 +316,7 @@ def test_segment_array_refuses_bad_images(trained) -> None:
     with pytest.raises(ValueError, match="2D image"):
         sinf.segment_array(model, np.zeros((2, 3, 40, 40)))
     with pytest.raises(ValueError, match="recipe"):
-        sinf.segment_array(smodel.build_model("monai-unet"), np.zeros((40, 40)))
+        sinf.segment_array(smodel.build_model("monai:UNet"), np.zeros((40, 40)))
     with pytest.raises(DataError, match="checkpoint not found"):
         sinf.load_segmenter(root / "nope.pt")
 
@@ -386,21 +386,24 @@ def test_segment_source_dicom_reports_mm2_from_pixel_spacing(trained) -> None:
 
 def test_resume_only_with_same_stamp(trained) -> None:
     root, _, data, res = trained
-    cfg = strain.SegConfig(model="monai-unet", epochs=2, batch_size=4, n_splits=2, resume=True)
+    cfg = strain.SegConfig(model="monai:UNet", epochs=2, batch_size=4, n_splits=2, resume=True)
     cfg = replace(cfg, n_boot=200)
     again = strain.cross_validate(data, cfg, root / "run", folds=[0])  # same data and settings: resumes
     pd.testing.assert_frame_equal(again.oof, res.oof)
-    other = strain.SegConfig(model="monai-unet", epochs=3, n_splits=2)
+    other = strain.SegConfig(model="monai:UNet", epochs=3, n_splits=2)
     assert strain.run_stamp(data, cfg) != strain.run_stamp(data, other)
 
 
 def test_build_model_by_name() -> None:
     # batch of 2 at 64 px: the encoders' 1/32 bottleneck is 2x2, so batch norm has several values per channel
     x = torch.zeros(2, 2, 64, 64)
-    for name, enc in (("fpn", "resnet18"), ("unet", "tu-resnet10t"), ("monai-unet", ""), ("monai-flexunet", "")):
-        assert smodel.build_model(name, 2, 1, enc)(x).shape == (2, 1, 64, 64)
-    with pytest.raises(ValueError, match="model must be"):
-        smodel.build_model("segformer-xxl")
+    for name in ("smp:fpn-resnet18", "smp:unet-tu-resnet10t", "monai:UNet", "monai:FlexibleUNet"):
+        assert smodel.build_model(name, 2, 1)(x).shape == (2, 1, 64, 64)
+    for old, new in (("monai-unet", "monai:UNet"), ("fpn", "smp:fpn-")):  # the old spellings name the new ones
+        with pytest.raises(ValueError, match=f"write {new}"):
+            smodel.build_model(old)
+    with pytest.raises(ValueError, match="not a segmentation network"):
+        smodel.build_model("resnet10t")
 
 
 def test_ct_crops_loader(tmp_path) -> None:

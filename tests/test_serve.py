@@ -304,9 +304,9 @@ def seg_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("seg")
     torch.manual_seed(0)
-    kw = {"channels": [4, 8, 16, 32]}
-    net = model.build_model("monai-unet", 1, 1, **kw)
-    meta = {**models.checkpoint_meta("monai-unet", 1, 1, "segmentation", ["lesion"],
+    kw = {"channels": [4, 8, 16, 32], "spatial_dims": 2}
+    net = model.build_model("monai:UNet", 1, 1, **kw)
+    meta = {**models.checkpoint_meta("monai:UNet", 1, 1, "segmentation", ["lesion"],
                                      preprocess.Preprocess(size=32).to_dict(), **kw), "threshold": 0.5}
     ckpt = models.save_checkpoint(root / "fold0" / "best.pt", net, meta)
     onnx_export.export_segmenter(ckpt, root / "export", sample=_sample_png(root / "s.png"))

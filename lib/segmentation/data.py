@@ -26,7 +26,6 @@ import pandas as pd
 from lib import config
 from lib.io import DataError, SkippedCases
 
-SEGMENTATION_SETS = ("trus", "ms-lesion", "ct-organs")
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
 MS_MODALITIES = ("FLAIR", "T1", "T2")
 MS_ROOT = ("ms-lesion-mri", "cross_sectional", "MNI")
@@ -324,31 +323,32 @@ def load_ct_crops(crops_dir: str | Path, structure: str = "liver", target: str =
 
 def load_dataset(name: str = "trus", profile: str = "smoke", seed: int = config.DEFAULT_SEED,
                  run_dir: str | Path | None = None, **kw: Any) -> RawSet:
-    """One of ``SEGMENTATION_SETS`` by name; synthetic sets are generated (cached) for ``profile`` and ``seed``.
+    """A segmentation set by its ``lib.datasets`` name or alias (stage ``06_segment``; an unknown name is that
+    registry's error with the closest names); synthetic sets are generated (cached) for ``profile`` and ``seed``.
 
     ``ct-organs`` reads notebook 02's crops in ``run_dir/crops`` (made by ``lib.crop.ensure_crops`` when
     missing); ``source='cohort'`` takes whole axial slices from the cohort NIfTIs instead. Extra keywords go
     to the loader (``max_slices_per_patient``/``patients`` for ``ms-lesion``, ``structure``/``target`` for
     ``ct-organs``, ``target`` for ``trus``).
     """
-    if name == "trus":
-        from lib.synth_trus import ensure_trus
+    from lib import datasets
 
-        return load_trus(ensure_trus(profile, seed), **kw)
-    if name == "ms-lesion":
-        return load_ms_lesion(**kw)
-    if name == "ct-organs":
+    info = datasets.get(name, "06_segment")
+    if info.name == "trus":
+        return load_trus(info.locate(profile, seed), **kw)
+    if info.name == "ms-lesion":
+        return load_ms_lesion(kw.pop("root", None) or info.locate(profile, seed), **kw)
+    if info.name == "ct-organs":
         if kw.pop("source", "crops") == "cohort":
-            from lib.synth import ensure_cohort
-
-            return load_ct_organs(ensure_cohort(profile, seed), **kw)
+            return load_ct_organs(info.locate(profile, seed), **kw)
         run = config.resolve_run_dir(run_dir, profile)
         if not (run / "crops" / "index.csv").exists():
             from lib.crop import ensure_crops
 
             ensure_crops(run, profile, seed)
         return load_ct_crops(run / "crops", **kw)
-    raise ValueError(f"dataset must be one of {SEGMENTATION_SETS}, got {name!r}")
+    raise ValueError(f"data set {info.name!r} is registered for 06_segment but has no loader in "
+                     "lib.segmentation.data")
 
 
 def write_demo_inputs(raw: RawSet, folder: str | Path, n: int = 3, corrupt: bool = True) -> list[Path]:

@@ -1,45 +1,62 @@
 """Segmentation networks by name and their losses.
 
-MONAI networks come from the repository's model factory ``lib.models.create_model`` (``monai:<class>``, here 2D);
-``segmentation_models_pytorch`` architectures (``fpn``, ``unet``, ... with any smp or ``tu-<timm>`` encoder) are
-built here. ``build_model`` has ``lib.models.load_checkpoint``'s ``builder`` signature, so a checkpoint rebuilds
-its network from the recipe alone.
+Networks come from the repository's one model factory ``lib.models.create_model``, in its one name syntax:
+``smp:<arch>-<encoder>`` (segmentation-models-pytorch, e.g. ``smp:fpn-resnet18``, ``smp:unet-tu-resnet10t``) or
+``monai:<net>`` (a 2D MONAI network, e.g. ``monai:UNet``, ``monai:FlexibleUNet``). ``build_model`` has
+``lib.models.load_checkpoint``'s ``builder`` signature, so a checkpoint rebuilds its network from the recipe alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-SMP_ARCHS = ("fpn", "unet", "unetplusplus", "deeplabv3plus", "linknet", "pspnet", "manet")
-MONAI_ARCHS = ("monai-unet", "monai-flexunet")
-DEFAULT_MODEL, DEFAULT_ENCODER = "fpn", "resnet18"
+DEFAULT_SEGMENTER = "smp:fpn-resnet18"
 LOSSES = ("dicece", "dice+bce", "dicefocal", "bce")
 
 
-def build_model(name: str = DEFAULT_MODEL, in_chans: int = 1, num_classes: int = 1, encoder: str = DEFAULT_ENCODER,
-                pretrained: bool = False, **kw: Any) -> nn.Module:
-    """A 2D segmentation network by name: smp architectures (``fpn``, ``unet``, ...; encoder = smp name or
-    ``tu-<timm name>``) or ``monai-unet`` / ``monai-flexunet`` (MONAI ``UNet`` / ``FlexibleUNet`` through
-    ``lib.models.create_model``)."""
-    if name in SMP_ARCHS:
-        import segmentation_models_pytorch as smp
+def network_kwargs(name: str) -> dict[str, Any]:
+    """Constructor keywords a segmentation network needs beyond ``create_model``'s defaults (MONAI nets are 3D
+    unless told): stored in the checkpoint so ``lib.models.load_checkpoint`` rebuilds the same 2D network."""
+    from lib.models import parse_name
 
-        return smp.create_model(name, encoder_name=encoder, encoder_weights="imagenet" if pretrained else None,
-                                in_channels=in_chans, classes=num_classes, **kw)
+    family, _ = parse_name(name)
+    if family not in ("smp", "monai"):
+        raise ValueError(f"{name!r} is not a segmentation network: write smp:<arch>-<encoder> (e.g. "
+                         "smp:fpn-resnet18) or monai:<net> (e.g. monai:UNet, monai:FlexibleUNet)")
+    return {"spatial_dims": 2} if family == "monai" else {}
+
+
+def build_model(name: str = DEFAULT_SEGMENTER, in_chans: int = 1, num_classes: int = 1, pretrained: bool = False,
+                **kw: Any) -> nn.Module:
+    """A 2D segmentation network by its ``lib.models`` name (``smp:...`` or ``monai:...``)."""
     from lib.models import create_model
 
-    if name == "monai-unet":
-        return create_model("monai:UNet", in_chans, num_classes, spatial_dims=2,
-                            channels=tuple(kw.get("channels", (16, 32, 64, 128))), strides=(2, 2, 2),
-                            num_res_units=int(kw.get("num_res_units", 2)))
-    if name == "monai-flexunet":
-        backbone = encoder if encoder.startswith(("efficientnet", "resnet")) else "resnet18"
-        return create_model("monai:FlexibleUNet", in_chans, num_classes, pretrained, spatial_dims=2,
-                            backbone=backbone)
-    raise ValueError(f"model must be one of {SMP_ARCHS + MONAI_ARCHS}, got {name!r}")
+    return create_model(name, in_chans, num_classes, pretrained, **{**network_kwargs(name), **kw})
+
+
+def init_output_bias(model: nn.Module, foreground: float) -> float:
+    """Set the bias of the network's output convolution to the log-odds of the foreground fraction (the prior
+    initialisation of focal-loss detectors); returns that bias.
+
+    Why: from a zero bias every pixel starts at probability 0.5, the BCE term then spends most of a short
+    schedule lowering the background (Adam moves the bias about ``lr`` per step) before the Dice term takes
+    over, and whether the lesions cross the 0.5 threshold by the last epoch is down to chance: on the demo TRUS
+    set two of four folds still predicted empty masks everywhere at their last epoch.
+    """
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Conv3d))
+             and m.out_channels == 1 and m.bias is not None]
+    if not convs:
+        raise ValueError(f"{type(model).__name__}: no one-channel output convolution with a bias to initialise")
+    p = min(max(float(foreground), 1e-4), 0.5)
+    bias = math.log(p / (1 - p))
+    with torch.no_grad():
+        convs[-1].bias.fill_(bias)
+    return bias
 
 
 def make_seg_loss(name: str = "dicece") -> Callable[[Tensor, Tensor], Tensor]:

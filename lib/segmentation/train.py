@@ -26,7 +26,7 @@ from lib import config, kfold, metrics, train
 from lib.datasets import CachedDataset
 from lib.segmentation.data import RawSet
 from lib.segmentation.dataset import SegDataset, prepare_dataset
-from lib.segmentation.model import DEFAULT_ENCODER, DEFAULT_MODEL, build_model, make_seg_loss
+from lib.segmentation.model import DEFAULT_SEGMENTER, build_model, init_output_bias, make_seg_loss, network_kwargs
 from lib.segmentation.preprocess import Preprocess
 
 
@@ -34,14 +34,12 @@ from lib.segmentation.preprocess import Preprocess
 class SegConfig:
     """Knobs of a segmentation run (model, loss, optimisation); every field is a notebook parameter."""
 
-    model: str = DEFAULT_MODEL
-    encoder: str = DEFAULT_ENCODER
+    model: str = DEFAULT_SEGMENTER  # lib.models name: smp:<arch>-<encoder> or monai:<net>
     loss: str = "dicece"
     epochs: int = 20
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 8  # early stop after this many epochs without a better Dice; the LR halves after half of it
     augment: str = "light"
     threshold: float = 0.5
     patch_size: int = 0  # > 0: train on lesion-aware patches of this size (whole images at validation/inference)
@@ -55,27 +53,33 @@ class SegConfig:
     threads: int = 0  # torch intra-op threads for lib.train.fit (0 = torch's default; 1 on a crowded CPU)
 
     def train_config(self) -> train.TrainConfig:
-        """``lib.train.fit``'s settings: Adam + ReduceLROnPlateau on validation Dice, last epoch shipped."""
+        """``lib.train.fit``'s settings: Adam with a cosine schedule for a fixed number of epochs, last epoch shipped.
+
+        Nothing in training reads the validation fold (no plateau schedule, no early stopping, no best epoch): in
+        the k-fold that fold is the one scored, so anything tuned on it would flatter the score.
+        """
         return train.TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, optimizer="adam",
-                                 scheduler="plateau", patience=self.patience, monitor="dice", mode="max",
+                                 scheduler="cosine", patience=0, monitor="dice", mode="max",
                                  seed=self.seed, resume=self.resume, progress=self.progress, threads=self.threads,
                                  select="last")
 
 
 def seg_metrics(threshold: float = 0.5):
-    """An ``evaluate_fn`` for ``lib.train.fit``: mean Dice, IoU, and Dice over images with a lesion."""
+    """An ``evaluate_fn`` for ``lib.train.fit``: mean Dice, IoU, Dice over images with a lesion, and the share of
+    pixels predicted foreground (``pred_fg``: 0 when a fold collapses to empty masks)."""
 
     def evaluate(logits: Tensor, targets: Tensor) -> dict[str, float]:
-        dice, iou = metrics.dice_iou(logits.float().sigmoid().numpy() > threshold, targets.numpy() > 0.5)
+        pred = logits.float().sigmoid().numpy() > threshold
+        dice, iou = metrics.dice_iou(pred, targets.numpy() > 0.5)
         pos = targets.reshape(len(targets), -1).amax(1).numpy() > 0.5
         return {"dice": float(dice.mean()), "iou": float(iou.mean()),
-                "dice_pos": float(dice[pos].mean()) if pos.any() else float("nan")}
+                "dice_pos": float(dice[pos].mean()) if pos.any() else float("nan"), "pred_fg": float(pred.mean())}
 
     return evaluate
 
 
 def train_segmenter(ds: CachedDataset, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir: str | Path,
-                    cfg: train.TrainConfig, model_name: str = DEFAULT_MODEL, augment: str | None = "light",
+                    cfg: train.TrainConfig, model_name: str = DEFAULT_SEGMENTER, augment: str | None = "light",
                     batch_size: int = 16, uncertain: str = "ignore", pretrained: bool = False,
                     model_kwargs: dict | None = None, bn_momentum: float | None = None, loss: str = "dicece",
                     threshold: float = 0.5, patch_size: int = 0, pos_fraction: float = 0.5,
@@ -88,8 +92,9 @@ def train_segmenter(ds: CachedDataset, tr_idx: np.ndarray, va_idx: np.ndarray, o
     """
     tr_idx, va_idx = np.asarray(tr_idx, dtype=int), np.asarray(va_idx, dtype=int)
     config.seed_everything(cfg.seed)
-    kw = dict(model_kwargs or {})
+    kw = {**network_kwargs(model_name), **(model_kwargs or {})}
     model = build_model(model_name, ds.in_chans, 1, pretrained=pretrained, **kw)
+    init_output_bias(model, float(ds.y[tr_idx].float().mean()))  # the training folds' foreground share
     train_ds = SegDataset(ds.subset(tr_idx), augment, cfg.seed, patch_size, pos_fraction, patches_per_epoch)
     val_ds = SegDataset(ds.subset(va_idx), None)
     # a last batch of one image breaks batch norm at a 1x1 bottleneck (size 32): drop that single image
@@ -152,7 +157,7 @@ def cross_validate(data: CachedDataset, cfg: SegConfig, out_dir: str | Path,
     return kfold.run_kfold(
         data, out_dir, tcfg, model_name=cfg.model, group_col="group", n_splits=int(fold_of.max()) + 1,
         test_fraction=0.0, augment=cfg.augment, batch_size=cfg.batch_size, threshold=cfg.threshold,
-        n_boot=cfg.n_boot, folds=fold_of, model_kwargs={"encoder": cfg.encoder}, trainer=train_segmenter,
+        n_boot=cfg.n_boot, folds=fold_of, trainer=train_segmenter,
         trainer_kwargs={"loss": cfg.loss, "threshold": cfg.threshold, "patch_size": cfg.patch_size,
                         "pos_fraction": cfg.pos_fraction, "patches_per_epoch": cfg.patches_per_epoch},
         only_folds=folds)
