@@ -94,6 +94,7 @@ def test_seg_metrics_reports_dice_on_lesion_images() -> None:
     out = strain.seg_metrics()(logits, y)
     assert out["dice_pos"] == pytest.approx(2 * 8 / (8 + 16))
     assert out["dice"] == pytest.approx((out["dice_pos"] + 1) / 2)
+    assert out["pred_fg"] == pytest.approx(8 / 128)  # share of pixels predicted foreground
 
 
 def test_losses_match_monai_references() -> None:
@@ -266,9 +267,25 @@ def test_kfold_writes_artifacts_and_scores(trained) -> None:
 def test_kfold_ships_last_epoch(trained) -> None:
     """Folds are scored on their validation images, so no epoch is picked on them: best.pt is the last epoch."""
     root, *_ = trained
-    assert strain.SegConfig().train_config().select == "last"
+    tcfg = strain.SegConfig().train_config()
+    # nothing in training reads the scored fold: no best epoch, no plateau schedule, no early stopping
+    assert tcfg.select == "last" and tcfg.scheduler == "cosine" and tcfg.patience == 0
     _, meta = sinf.load_segmenter(root / "run" / "fold0" / "best.pt")
     assert meta["epoch"] == 2 and meta["train_config"]["select"] == "last"
+
+
+@pytest.mark.parametrize("name", ["smp:fpn-resnet18", "monai:UNet"])
+def test_output_bias_starts_at_the_foreground_prior(name: str) -> None:
+    """An untrained network predicts about the training foreground share instead of 0.5 everywhere."""
+    torch.manual_seed(0)
+    net = smodel.build_model(name, 1, 1).eval()
+    bias = smodel.init_output_bias(net, 0.02)
+    assert bias == pytest.approx(np.log(0.02 / 0.98))
+    with torch.no_grad():
+        p = net(torch.rand(2, 1, 64, 64)).sigmoid()
+    assert float(p.mean()) < 0.1 and float((p > 0.5).float().mean()) < 0.05
+    with pytest.raises(ValueError, match="no one-channel output convolution"):
+        smodel.init_output_bias(torch.nn.Linear(3, 1), 0.1)
 
 
 def test_segment_array_and_folder_cli(trained, tmp_path) -> None:
@@ -432,6 +449,18 @@ def test_ct_crops_loader(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- real data
+
+
+def test_data_sets_by_registry_name() -> None:
+    """Segmentation sets are looked up in lib.datasets: its "did you mean" and wrong-stage errors, one list."""
+    from lib import overrides
+
+    with pytest.raises(ValueError, match="Did you mean 'trus'"):
+        sdata.load_dataset("trsu")
+    with pytest.raises(ValueError, match="not used by stage 06_segment"):
+        sdata.load_dataset("brain-mri")
+    assert overrides.segments("trus") and overrides.segments("ms-lesion")
+    assert not overrides.segments("brain-mri") and not overrides.segments("images.csv")
 
 
 def test_ms_lesion_slices_are_grouped_and_binary() -> None:
