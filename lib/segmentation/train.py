@@ -1,10 +1,11 @@
 """Segmentation training and grouped k-fold through the shared stages, and the denoising ablation.
 
 One fold is ``train_segmenter``: ``lib.train.fit`` with a Dice + BCE loss and a Dice score on the validation
-images, from an output bias at the training foreground's log-odds (``model.init_output_bias``). The k-fold run is ``lib.kfold.run_kfold`` with that trainer: the same fold jobs, worker pool, leakage
-check, last-epoch weights (``select='last'``: the validation fold is the scored fold, so no epoch is picked on
-it) and out-of-fold tables as classification; ``lib.metrics`` scores each image (Dice/IoU) and bootstraps the
-means by patient.
+images, starting from an output bias at the training foreground's log-odds (``model.init_output_bias``). The
+k-fold run is ``lib.kfold.run_kfold`` with that trainer: the same fold jobs, worker pool, leakage check and
+out-of-fold tables as classification. Nothing in training reads the validation fold, which is the scored fold:
+a fixed cosine schedule, no early stopping, last-epoch weights (``select='last'``). ``lib.metrics`` scores each
+image (Dice/IoU) and bootstraps the means by patient.
 """
 
 from __future__ import annotations
