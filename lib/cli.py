@@ -429,9 +429,9 @@ def segment() -> None:
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="default: the validation threshold")
 def segment_predict(model: Path, input_dir: Path, out_dir: Path, fmt: str, threshold: float | None) -> None:
     """Segment every image in a folder: masks, predictions.csv, skipped_segment.csv."""
-    from lib import segment as sg
+    from lib.segmentation.infer import predict_folder
 
-    table, skipped = sg.predict_folder(model, input_dir, out_dir, fmt, threshold)
+    table, skipped = predict_folder(model, input_dir, out_dir, fmt, threshold)
     click.echo(f"wrote {len(table)} masks to {out_dir}; skipped {len(skipped)}")
     for row in skipped.rows:
         click.echo(f"  skipped {row['case']}: {row['reason']}", err=True)
@@ -447,9 +447,9 @@ def segment_predict(model: Path, input_dir: Path, out_dir: Path, fmt: str, thres
 @click.option("--tolerance", type=float, default=1e-4, show_default=True)
 def segment_export(checkpoints: tuple[Path, ...], out_dir: Path, sample: Path | None, tolerance: float) -> None:
     """Export segmentation checkpoint(s) to ONNX and check parity with torch."""
-    from lib import segment as sg
+    from lib.segmentation.onnx_export import export_segmenter
 
-    meta = sg.export_onnx(list(checkpoints), out_dir, sample, tolerance)
+    meta = export_segmenter(list(checkpoints), out_dir, sample, tolerance)
     click.echo(f"wrote {out_dir / 'model.onnx'}; max |torch - onnxruntime| = {meta['parity']['max_abs_diff']:.2e}")
 
 

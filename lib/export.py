@@ -31,13 +31,14 @@ SAMPLE_EXT = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "bmp": ".bmp", "dic
 class ProbabilityEnsemble(nn.Module):
     """Mean of the members' probabilities (sigmoid/softmax inside the graph), one column per label.
 
-    Binary models (one logit) give two columns ``[1 - p, p]`` so every task serves the same way.
+    Binary models (one logit) give two columns ``[1 - p, p]`` so every task serves the same way; segmentation
+    models give the mean foreground probability map ``(N, 1, H, W)``.
     """
 
     def __init__(self, models: Sequence[nn.Module], task: str) -> None:
         super().__init__()
-        if task not in ("binary", "multiclass", "multilabel"):
-            raise ValueError(f"export supports binary|multiclass|multilabel classifiers, got task {task!r}")
+        if task not in ("binary", "multiclass", "multilabel", "segmentation"):
+            raise ValueError(f"export supports binary|multiclass|multilabel|segmentation models, got task {task!r}")
         self.members = nn.ModuleList(models)
         self.task = task
 
@@ -84,14 +85,15 @@ def input_shape(spec: dict) -> list[int]:
     return [int(spec["channels"]), int(h), int(w)]
 
 
-def load_members(paths: Sequence[str | Path]) -> tuple[list[nn.Module], dict]:
-    """Fold checkpoints -> models + the shared meta; folds must agree on the recipe."""
+def load_members(paths: Sequence[str | Path], builder=None) -> tuple[list[nn.Module], dict]:
+    """Fold checkpoints -> models + the shared meta; folds must agree on the recipe (``builder``: as
+    ``lib.models.load_checkpoint``'s)."""
     from lib.models import load_checkpoint
 
     if not paths:
         raise DataError("checkpoints", "no checkpoints given")
-    models, metas = zip(*(load_checkpoint(p) for p in paths), strict=True)
-    keys = ("model_name", "in_chans", "num_classes", "task", "label_names")
+    models, metas = zip(*(load_checkpoint(p, builder=builder) for p in paths), strict=True)
+    keys = ("model_name", "in_chans", "num_classes", "task", "label_names", "preprocessing")
     for p, m in zip(paths, metas, strict=True):
         diff = [k for k in keys if m.get(k) != metas[0].get(k)]
         if diff:
@@ -99,8 +101,12 @@ def load_members(paths: Sequence[str | Path]) -> tuple[list[nn.Module], dict]:
     return list(models), dict(metas[0])
 
 
-def export_onnx(model: nn.Module, path: str | Path, shape: Sequence[int], opset: int = OPSET) -> Path:
-    """``torch.onnx.export`` (TorchScript exporter: no onnxscript needed) with a dynamic batch axis, checked."""
+def export_onnx(model: nn.Module, path: str | Path, shape: Sequence[int], opset: int = OPSET,
+                props: dict[str, str] | None = None) -> Path:
+    """``torch.onnx.export`` (TorchScript exporter: no onnxscript needed) with a dynamic batch axis, checked.
+
+    ``props`` are stored as the file's ``metadata_props`` (a recipe a reader needs besides the graph).
+    """
     import onnx
 
     path = Path(path)
@@ -111,7 +117,11 @@ def export_onnx(model: nn.Module, path: str | Path, shape: Sequence[int], opset:
         torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["probabilities"],
                           dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
                           opset_version=opset, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(path)))
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    if props:
+        onnx.helper.set_model_props(graph, dict(props))
+        onnx.save(graph, str(path))
     return path
 
 
@@ -136,12 +146,14 @@ def parity(model: nn.Module, onnx_path: str | Path, x: np.ndarray) -> float:
 def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: str | Path,
                  sample: str | Path | None = None, parity_inputs: np.ndarray | None = None,
                  run_id: str = "", metrics: dict | None = None, tol: float = PARITY_TOL,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, sample_input=None, props: dict[str, str] | None = None) -> dict:
     """Write ``model.onnx``, ``labels.json``, ``metadata.json`` (+ ``sample.*``) and return the metadata.
 
     ``sample`` is a real image file (any type ``lib.imageio`` reads) copied as the service's test input;
-    ``parity_inputs`` (N, *input_shape) are preprocessed inputs for the ONNX vs torch check (random inputs in
-    [0, 1] when None). Raises ``AssertionError`` when parity exceeds ``tol``.
+    ``sample_input(path)`` turns it into a network input (default ``lib.imageio.load_input`` with the checkpoint's
+    spec); ``parity_inputs`` (N, *input_shape) are preprocessed inputs for the ONNX vs torch check (random inputs
+    in [0, 1] when None). ``props`` go into the ONNX file's metadata. Raises ``RuntimeError`` when parity
+    exceeds ``tol``.
     """
     from lib import imageio
 
@@ -151,7 +163,7 @@ def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: s
     spec = input_spec(meta)
     shape = input_shape(spec)
     ens = ProbabilityEnsemble(members, meta.get("task", "binary")).eval()
-    onnx_path = export_onnx(ens, out_dir / "model.onnx", shape)
+    onnx_path = export_onnx(ens, out_dir / "model.onnx", shape, props=props)
     labels = output_labels(meta)
     sample_info = None
     if sample is not None:
@@ -161,26 +173,25 @@ def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: s
             raise DataError(sample, "sample is not an image type the service reads")
         target = out_dir / f"sample{SAMPLE_EXT[kind]}"
         shutil.copyfile(sample, target)
-        x = imageio.load_input(target, spec)[None]
+        x = (sample_input(target) if sample_input else imageio.load_input(target, spec))[None]
         if parity_inputs is None:
             parity_inputs = np.concatenate([x, np.random.default_rng(0).random((3, *shape), dtype=np.float32)])
-        with torch.no_grad():
-            probs = ens(torch.from_numpy(x))[0].numpy()
-        sample_info = {"file": target.name, "type": kind,
-                       "torch_probabilities": dict(zip(labels, map(float, probs), strict=True))}
+        sample_info = {"file": target.name, "type": kind}
+        if ens.task != "segmentation":
+            with torch.no_grad():
+                probs = ens(torch.from_numpy(x))[0].numpy()
+            sample_info["torch_probabilities"] = dict(zip(labels, map(float, probs), strict=True))
     if parity_inputs is None:
         parity_inputs = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
     max_diff = parity(ens, onnx_path, parity_inputs)
-    assert max_diff <= tol, f"ONNX Runtime vs torch max |diff| {max_diff:.3g} > {tol}"
+    if not max_diff <= tol:
+        raise RuntimeError(f"ONNX Runtime vs torch max |diff| {max_diff:.3g} > {tol} ({onnx_path})")
     metadata = {
         "format": "mednb-onnx-1",
         "model_name": meta.get("model_name"), "task": meta.get("task"), "n_models": len(members),
         "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "input": {"name": "input", "shape": [None, *shape], "dtype": "float32", "channels": shape[0]},
-        "output": {"name": "probabilities", "shape": [None, len(labels)], "labels": labels,
-                   "meaning": "mean over fold models of per-label probabilities"
-                   + (" (softmax, sums to 1)" if meta.get("task") == "multiclass" else
-                      " ([1-p, p] of one sigmoid)" if meta.get("task") == "binary" else " (independent sigmoids)")},
+        "output": _output_spec(meta.get("task"), labels, shape),
         "preprocessing": spec, "label_names": labels, "metrics": metrics or meta.get("metrics") or {},
         "parity": {"max_abs_diff": max_diff, "tolerance": tol, "n_inputs": int(len(parity_inputs))},
         "onnx": {"opset": OPSET, "file": onnx_path.name, "bytes": onnx_path.stat().st_size},
@@ -189,6 +200,17 @@ def export_model(models: nn.Module | Sequence[nn.Module], meta: dict, out_dir: s
     write_json(out_dir / "labels.json", {str(i): name for i, name in enumerate(labels)}, indent=2)
     write_json(out_dir / "metadata.json", metadata, indent=2)
     return metadata
+
+
+def _output_spec(task: str | None, labels: list[str], shape: Sequence[int]) -> dict:
+    """What ``model.onnx``'s output holds, for ``metadata.json``."""
+    if task == "segmentation":
+        return {"name": "probabilities", "shape": [None, 1, *shape[1:]], "labels": labels,
+                "meaning": "foreground probability map on the network grid (mean sigmoid over fold models)"}
+    return {"name": "probabilities", "shape": [None, len(labels)], "labels": labels,
+            "meaning": "mean over fold models of per-label probabilities"
+            + (" (softmax, sums to 1)" if task == "multiclass" else
+               " ([1-p, p] of one sigmoid)" if task == "binary" else " (independent sigmoids)")}
 
 
 def export_checkpoints(paths: Sequence[str | Path], out_dir: str | Path, **kw: Any) -> dict:

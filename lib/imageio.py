@@ -137,7 +137,7 @@ def current_limits() -> DecodeLimits:
 def use_limits(limits: DecodeLimits) -> Iterator[DecodeLimits]:
     """Decode with ``limits`` inside this block (this thread / task only), including calls made by other modules.
 
-    Why: the HTTP service decodes through ``lib.segment`` too; a context keeps its tighter limits on every path
+    Why: the HTTP service decodes through ``lib.segmentation`` too; a context keeps its tighter limits on every path
     without threading a parameter through code it does not own.
     """
     token = _LIMITS.set(limits)

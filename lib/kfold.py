@@ -43,6 +43,7 @@ class KFoldResult:
     logs: pd.DataFrame  # training logs of every fold
     checkpoints: list[Path] = field(default_factory=list)
     out_dir: Path = Path(".")
+    maps: np.ndarray | None = None  # segmentation: out-of-fold probability maps (N, H, W), NaN where not validated
 
 
 def _strata(ds: CachedDataset, eval_col: str | None) -> pd.Series:
@@ -130,10 +131,15 @@ def train_one(ds: CachedDataset, tr_idx: np.ndarray, va_idx: np.ndarray, out_dir
 def _fold_job(ds: CachedDataset, k: int, tr_idx: np.ndarray, va_idx: np.ndarray, test_idx: np.ndarray,
               out_dir: Path, cfg: train.TrainConfig, kwargs: dict,
               threads: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None]:
-    """Train fold ``k`` and predict its validation rows and the test part (runs in a worker process)."""
+    """Train fold ``k`` and predict its validation rows and the test part (runs in a worker process).
+
+    ``kwargs["trainer"]`` (a module-level function with ``train_one``'s signature) replaces ``train_one``.
+    """
     if threads:
         torch.set_num_threads(threads)
-    model, log = train_one(ds, tr_idx, va_idx, out_dir / f"fold{k}", replace(cfg, seed=cfg.seed + k), **kwargs)
+    trainer = kwargs.get("trainer") or train_one
+    kwargs = {key: v for key, v in kwargs.items() if key != "trainer"}
+    model, log = trainer(ds, tr_idx, va_idx, out_dir / f"fold{k}", replace(cfg, seed=cfg.seed + k), **kwargs)
     p = predict_probs(model, ds.x[va_idx], ds.task)
     return log, p, predict_probs(model, ds.x[test_idx], ds.task) if len(test_idx) else None
 
@@ -174,7 +180,8 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
               threshold: float = 0.5, n_boot: int = 1000, folds: pd.Series | None = None,
               model_kwargs: dict | None = None, train_mask: np.ndarray | None = None,
               bn_momentum: float | None = None, workers: int | None = None,
-              pool: tuple[ProcessPoolExecutor | None, int] | None = None) -> KFoldResult:
+              pool: tuple[ProcessPoolExecutor | None, int] | None = None, trainer=None,
+              trainer_kwargs: dict | None = None, only_folds: Sequence[int] | None = None) -> KFoldResult:
     """Train one model per fold (``out_dir/fold<k>/best.pt``), predict its validation fold and the test part.
 
     ``eval_col`` names a table column with the labels to score against (e.g. ``truth`` on the synthetic
@@ -182,7 +189,11 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
     keeps rows out of training (no usable training label) while they are still predicted and scored out of
     fold. Folds train in ``workers`` processes at once (default: one per granted core), each
     with an equal share of the torch threads; a fold's numbers do not depend on which process trained it.
-    ``pool`` (a ``fold_pool``) lets several runs share the workers.
+    ``pool`` (a ``fold_pool``) lets several runs share the workers. ``trainer`` (module-level, ``train_one``'s
+    signature plus ``trainer_kwargs``) trains a fold instead of ``train_one``; ``only_folds`` trains and scores
+    those folds alone (a quick ablation; the rows of the other folds are still training data). A
+    ``segmentation`` dataset (masks as ``y``) is scored per image by ``lib.metrics.overlap_frame`` and its maps
+    are kept in ``result.maps``.
     Writes ``oof.csv``,
     ``test_predictions.csv``, ``metrics.json``, ``ensembles.csv`` and ``logs.csv``.
     """
@@ -199,20 +210,28 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
     names = ds.label_names
     test_idx = np.flatnonzero(folds == -1)
     jobs = []
-    for k in range(n_splits):
+    for k in range(n_splits) if only_folds is None else sorted(set(only_folds)):
         tr_idx, va_idx = np.flatnonzero((folds != k) & (folds >= 0)), np.flatnonzero(folds == k)
         if train_mask is not None:
             tr_idx = tr_idx[np.asarray(train_mask, dtype=bool)[tr_idx]]
         jobs.append((k, tr_idx, va_idx))
     kwargs = {"model_name": model_name, "augment": augment, "batch_size": batch_size, "uncertain": uncertain,
               "pretrained": pretrained, "model_kwargs": model_kwargs, "bn_momentum": bn_momentum}
+    if trainer is not None:
+        kwargs.update(trainer=trainer, **(trainer_kwargs or {}))
     done = _train_folds(ds, jobs, test_idx, out_dir, cfg, kwargs, workers, pool)
     oof_parts, logs, ckpts, test_probs = [], [], [], {}
+    segmentation = ds.task == "segmentation"
+    maps = np.full((len(ds), *ds.y.shape[2:]), np.nan, np.float32) if segmentation else None
     for (k, _, va_idx), (log, p, p_test) in zip(jobs, done, strict=True):
         logs.append(log.assign(fold=k))
         ckpts.append(out_dir / f"fold{k}" / "best.pt")
         extra = {"fold": np.full(len(va_idx), k), "row": va_idx, "group": ds.table[group_col].to_numpy()[va_idx]}
-        oof_parts.append(metrics.oof_frame(_truth(ds, va_idx, eval_col), p, ds.task, names, **extra))
+        if segmentation:
+            maps[va_idx] = p[:, 0]
+            oof_parts.append(metrics.overlap_frame(ds.y[va_idx].numpy(), p, threshold, **extra))
+        else:
+            oof_parts.append(metrics.oof_frame(_truth(ds, va_idx, eval_col), p, ds.task, names, **extra))
         if p_test is not None:
             test_probs[f"fold{k}"] = p_test
     oof = pd.concat(oof_parts, ignore_index=True)
@@ -238,7 +257,7 @@ def run_kfold(ds: CachedDataset, out_dir: str | Path, cfg: train.TrainConfig, mo
     logs_df.to_csv(out_dir / "logs.csv", index=False)
     metrics.save_metrics(summary, out_dir / "metrics.json")
     ds.skipped.save(out_dir / "skipped_dataset.csv")
-    return KFoldResult(oof, test, summary, comparison, logs_df, ckpts, out_dir)
+    return KFoldResult(oof, test, summary, comparison, logs_df, ckpts, out_dir, maps)
 
 
 ID_COLUMNS = ("case_id", "patient_id", "organ", "path", "target", "label")
@@ -463,10 +482,10 @@ def leakage_report(out_dir: str | Path, seed: int = config.DEFAULT_SEED) -> dict
 def metrics_table(summary: dict) -> pd.DataFrame:
     """One row per fold plus ``pooled`` with the headline numbers of ``metrics.json`` (CI bounds as columns)."""
     keys = ("n", "auc", "auc_ci", "ap", "sensitivity", "specificity", "f1", "accuracy", "macro_f1", "macro_f1_ci",
-            "macro_auc", "ece", "brier")
+            "macro_auc", "ece", "brier", "n_lesion", "dice", "dice_ci", "iou", "iou_ci", "dice_pos", "dice_pos_ci")
     rows = {**{f"fold {k}": v for k, v in summary["folds"].items()}, "pooled": summary["pooled"]}
     table = pd.DataFrame({name: {key: m.get(key) for key in keys if key in m} for name, m in rows.items()}).T
-    for ci in ("auc_ci", "macro_f1_ci"):
+    for ci in ("auc_ci", "macro_f1_ci", "dice_ci", "iou_ci", "dice_pos_ci"):
         if ci in table:
             bounds = table.pop(ci)
             base = ci[:-3]

@@ -420,13 +420,16 @@ def oof_arrays(df: pd.DataFrame, task: str, label_names: Sequence[str]) -> tuple
 
 
 SCALARS = ("auc", "ap", "sensitivity", "specificity", "accuracy", "f1", "brier", "ece", "macro_f1", "macro_auc",
-           "macro_ap")
+           "macro_ap", "dice", "iou", "dice_pos")
 
 
 def per_fold(df_oof: pd.DataFrame, task: str, label_names: Sequence[str], fold_col: str = "fold",
              threshold: float = 0.5, group_col: str | None = None, n_boot: int = N_BOOT,
              seed: int = config.DEFAULT_SEED, n_bins: int = N_BINS) -> dict:
     """``summarize`` per fold and pooled over all out-of-fold rows, plus the mean and sd across folds.
+
+    ``task='segmentation'``: the table is ``overlap_frame``'s (one row per image) and each part is scored by
+    ``overlap_summary`` (mean Dice/IoU with CIs resampling ``group_col``, the patient).
 
     Pooled = one curve over every out-of-fold prediction (what a single number should report);
     fold mean +- sd shows how much the estimate moves between folds.
@@ -437,8 +440,10 @@ def per_fold(df_oof: pd.DataFrame, task: str, label_names: Sequence[str], fold_c
         raise KeyError(f"fold column {fold_col!r} not in out-of-fold table")
 
     def one(frame: pd.DataFrame) -> dict:
-        y, p = oof_arrays(frame, task, label_names)
         groups = frame[group_col].to_numpy() if group_col else None
+        if task == "segmentation":
+            return overlap_summary(frame, groups, n_boot, seed)
+        y, p = oof_arrays(frame, task, label_names)
         return summarize(y, p, task, label_names, threshold, groups, n_boot, seed, n_bins)
 
     folds = {str(k): one(frame) for k, frame in df_oof.groupby(fold_col, sort=True)}
@@ -452,6 +457,79 @@ def per_fold(df_oof: pd.DataFrame, task: str, label_names: Sequence[str], fold_c
                 else math.nan
     return to_jsonable({"task": task, "label_names": list(label_names), "threshold": threshold,
                         "pooled": pooled, "folds": folds, "fold_mean": mean, "fold_sd": sd})
+
+
+# ----------------------------------------------------------------------------- segmentation overlap
+
+
+def dice_iou(pred, target) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image Dice and IoU of binary masks ``(N, ...)`` (numpy or torch).
+
+    Convention (MONAI ``ignore_empty=False``): truth and prediction both empty -> Dice = IoU = 1; empty truth with
+    any predicted pixel -> 0, so lesion-free images count and a false alarm on one costs the full score.
+    """
+    p, t = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from target shape {t.shape}")
+    p, t = p.reshape(len(p), -1), t.reshape(len(t), -1)
+    inter, total = (p & t).sum(1).astype(float), (p.sum(1) + t.sum(1)).astype(float)
+    union = total - inter
+    empty = total == 0
+    dice = np.where(empty, 1.0, 2 * inter / np.maximum(total, 1))
+    iou = np.where(empty, 1.0, inter / np.maximum(union, 1))
+    return dice, iou
+
+
+def mean_ci(values, groups=None, n_boot: int = N_BOOT, seed: int = config.DEFAULT_SEED,
+            ci: float = 0.95) -> tuple[float, float]:
+    """Percentile ``ci`` interval of the mean of ``values`` over a bootstrap (``bootstrap_weights``).
+
+    With ``groups`` (patient ids aligned with ``values``) whole groups are resampled: the images of one patient
+    are not independent, so resampling images makes the interval far too narrow when there are few patients.
+    NaN values are left out; (NaN, NaN) with fewer than two resampling units.
+    """
+    v = np.asarray(values, dtype=float).ravel()
+    g = None if groups is None else np.asarray(groups, dtype=object).ravel()
+    if g is not None and len(g) != len(v):
+        raise ValueError(f"{len(g)} groups for {len(v)} values")
+    keep = ~np.isnan(v)
+    v, g = v[keep], (None if g is None else g[keep])
+    units = len(v) if g is None else pd.Series(g).nunique()
+    if units < 2 or n_boot < 1:
+        return (math.nan, math.nan)
+    W = bootstrap_weights(np.zeros(len(v), dtype=int), n_boot, seed, g).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (W @ v) / W.sum(1)
+    means = means[np.isfinite(means)]
+    lo, hi = np.percentile(means, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+    return (float(lo), float(hi))
+
+
+def overlap_frame(y_true, y_prob, threshold: float = 0.5, **extra) -> pd.DataFrame:
+    """Out-of-fold table of a segmentation model: one row per image with ``dice``, ``iou``, ``true_px``,
+    ``pred_px`` and ``has_lesion`` (masks ``y_true`` and probability maps ``y_prob`` of the same shape; a pixel is
+    predicted foreground when its probability exceeds ``threshold``); ``extra`` columns first."""
+    truth, pred = np.asarray(y_true) > 0.5, np.asarray(y_prob) > threshold
+    dice, iou = dice_iou(pred, truth)
+    frame = pd.DataFrame({k: np.asarray(v) for k, v in extra.items()}, index=range(len(dice)))
+    true_px = truth.reshape(len(truth), -1).sum(1)
+    return frame.assign(dice=dice, iou=iou, true_px=true_px, pred_px=pred.reshape(len(pred), -1).sum(1),
+                        has_lesion=(true_px > 0).astype(int))
+
+
+def overlap_summary(frame: pd.DataFrame, groups=None, n_boot: int = N_BOOT, seed: int = config.DEFAULT_SEED) -> dict:
+    """Mean Dice and IoU of an ``overlap_frame`` (and Dice over images with foreground, ``dice_pos``), each with
+    a bootstrap CI that resamples ``groups`` (patients) when given."""
+    g = None if groups is None else np.asarray(groups, dtype=object).ravel()
+    pos = frame["has_lesion"].to_numpy() == 1
+    out: dict = {"n": len(frame), "n_lesion": int(pos.sum())}
+    for name, rows in (("dice", slice(None)), ("iou", slice(None)), ("dice_pos", pos)):
+        values = frame["iou" if name == "iou" else "dice"].to_numpy(dtype=float)[rows]
+        out[name] = float(values.mean()) if len(values) else math.nan
+        out[f"{name}_ci"] = list(mean_ci(values, None if g is None else g[rows], n_boot, seed))
+    if g is not None:
+        out["n_groups"] = int(pd.Series(g).nunique())
+    return to_jsonable({"task": "segmentation", **out, "ci_level": 0.95, "n_boot": int(n_boot)})
 
 
 # ----------------------------------------------------------------------------- ensembles
@@ -632,7 +710,8 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 __all__ = [
-    "MetricWarning", "binary_metrics", "bootstrap_ci", "calibration_bins",
+    "MetricWarning", "binary_metrics", "bootstrap_ci", "calibration_bins", "dice_iou", "mean_ci",
+    "overlap_frame", "overlap_summary",
     "ensemble_mean", "ensemble_vote", "expected_calibration_error", "fold_curves", "multiclass_metrics",
     "multilabel_metrics", "oof_arrays", "oof_columns", "oof_frame", "per_fold", "per_label_table",
     "plot_calibration", "plot_confusion", "plot_pr", "plot_roc", "predictions_from_probs", "safe_ap", "safe_auc",

@@ -151,8 +151,16 @@ def study_overrides(stems: Sequence[str], config_file: str | Path | None = None,
 
 #: Classification sets of 2D images (``lib.datasets``): no CT volumes, organ masks or reports.
 IMAGE_SETS = ("brain-mri", "brain", "cxr", "cxr-3class")
-#: Datasets notebook 06 segments.
-SEGMENTATION_SETS = ("trus", "ms-lesion", "ct-organs")
+
+
+def segments(dataset: object) -> bool:
+    """True for a data set (name or alias) that the registry lists for notebook 06."""
+    from lib import datasets
+
+    try:
+        return datasets.get(str(dataset)).applies_to("06_segment")
+    except ValueError:
+        return False
 
 
 def is_image_set(dataset: object) -> bool:
@@ -165,9 +173,11 @@ def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dic
     overrides ``study``), or None when it runs. A 2D image set has no reports to label, no CT volumes with organ
     masks to crop, and no segmentation masks (its explanations are scored by deletion only; notebook 00 describes its
     classes, image sizes and duplicates); notebook 06 runs only on a segmentation set."""
-    if stem.startswith("06") and str(values.get("dataset")) not in SEGMENTATION_SETS:
+    if stem.startswith("06") and not segments(values.get("dataset")):
+        from lib import datasets as registry
+
         return (f"dataset {values.get('dataset')}: not a segmentation set (images with lesion masks); notebook 06 "
-                f"segments {', '.join(SEGMENTATION_SETS)}")
+                f"segments {', '.join(registry.names('06_segment'))}")
     datasets = {v.get("dataset") for v in (study or {}).values() if "dataset" in v}
     image_set = next((d for d in datasets if is_image_set(d)), None)
     if image_set is None:

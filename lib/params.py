@@ -75,8 +75,8 @@ TYPES: dict[str, dict[str, Any]] = {
     },
     "06_segment": {
         **_COMMON, "dataset": str, "target": str | None, "structure": str, "max_slices": int, "model": str,
-        "encoder": str, "size": int, "crop_fov": bool, "denoise": str, "loss": str, "epochs": int,
-        "batch_size": int, "lr": float, "patience": int, "augment": str, "patch_size": int, "pos_fraction": float,
+        "size": int, "crop_fov": bool, "denoise": str, "loss": str, "epochs": int,
+        "batch_size": int, "lr": float, "augment": str, "patch_size": int, "pos_fraction": float,
         "patches_per_epoch": int, "n_splits": int, "ablation": list[str], "ablation_folds": list[int],
         "threads": int, "export": bool, "min_dice": float, "min_dice_pos": float,
         "min_dice_pos_other": float | None,

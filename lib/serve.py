@@ -11,7 +11,7 @@ most, and at most ``max_decodes`` uploads are decoded at once. No upload can cau
 failure is a 400 naming only the error class.
 
 Run: ``python -m lib.serve --model outputs/runs/<run>/export/<name>`` then open http://127.0.0.1:8000/.
-``--segmenter <lib.segment export>`` adds ``POST /segment`` (mask PNG); its preprocessing imports torch.
+``--segmenter <segmentation export>`` adds ``POST /segment`` (mask PNG), torch-free as well.
 One-off: ``python -m lib.serve --model <dir> --predict image.dcm series_folder/`` prints probabilities as JSON
 lines (``lib.serve.predict_proba(path)`` in Python); a bad file gets an ``error`` line (and a row in
 ``--skipped``) and the batch goes on.
@@ -190,17 +190,6 @@ document.getElementById('form').addEventListener('submit', async (ev) => {
 """
 
 
-def load_segmenter(export_dir: str | Path) -> tuple[Any, dict]:
-    """A segmentation export of ``lib.segment.export_onnx`` as an ONNX Runtime session + its recipe.
-
-    ``lib.segment`` (its preprocessing is the training code) imports torch, so only a service started with
-    ``--segmenter`` imports torch; the classification service alone stays torch-free.
-    """
-    from lib import segment
-
-    return segment.load_segmenter(Path(export_dir))
-
-
 def decode_error(exc: BaseException, what: str = "use") -> HTTPException:
     """The HTTP answer for a file that could not be decoded: 413 too large, 415 not a type we read, else 400.
 
@@ -246,7 +235,9 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
                            "error": None if segmenter_dir else "no segmentation model (start with --segmenter)"}
     if segmenter_dir:
         try:
-            seg["session"], seg["meta"] = load_segmenter(segmenter_dir)
+            from lib.segmentation import infer  # the training preprocessing, without torch
+
+            seg["session"], seg["meta"] = infer.load_segmenter(Path(segmenter_dir))
         except (DataError, OSError, ValueError, RuntimeError) as exc:
             seg["error"] = str(exc)
             log.error("segmentation model not loaded: %s", exc)
@@ -371,12 +362,12 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
         if output not in ("png", "json"):
             raise HTTPException(400, "output must be png or json")
         data = read_upload(file)
-        from lib import segment
+        from lib.segmentation import infer
 
         take_slot()
         try:
             with imageio.use_limits(limits):
-                mask, area = segment.segment_source(seg["session"], data, name=UPLOAD_NAME)
+                mask, area = infer.segment_source(seg["session"], data, name=UPLOAD_NAME)
         except Exception as exc:  # no upload may cause a 500: every decoding failure is a 4xx
             raise decode_error(exc, "segment") from None
         finally:
@@ -387,7 +378,7 @@ def create_app(model_dir: str | Path | None, max_upload_mb: float = DEFAULT_MAX_
                                  "model": seg["meta"].get("model_name"), "threshold": seg["meta"].get("threshold")})
         headers = {"X-Mask-Pixels": str(area["pixels"]),
                    "X-Mask-Area-mm2": "" if area["mm2"] is None else f"{area['mm2']:.3f}"}
-        return Response(segment.mask_png(mask), media_type="image/png", headers=headers)
+        return Response(infer.mask_png(mask), media_type="image/png", headers=headers)
 
     return app
 
@@ -403,8 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=DEFAULT_PORT)
     ap.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--segmenter", default=None, help="optional segmentation export (lib.segment.export_onnx) for "
-                    "POST /segment; its preprocessing code imports torch")
+    ap.add_argument("--segmenter", default=None, help="optional segmentation export (python -m lib.segmentation "
+                    "export) for POST /segment")
     ap.add_argument("--predict", nargs="+", metavar="IMAGE", help="score these local files (or DICOM series "
                     "folders), print one JSON line each (an error line for a bad file, then go on), exit")
     ap.add_argument("--skipped", default=None, metavar="CSV", help="with --predict: write the files that could not "

@@ -111,9 +111,10 @@ def _explain(name: str, run: Path) -> int:
 
 
 def _segment(name: str, run: Path) -> int:
-    sg = pytest.importorskip("lib.segment")
+    from lib.segmentation.data import load_dataset
+
     kw = {"ms-lesion": {"max_slices_per_patient": 1}, "ct-organs": {"structure": "liver"}}.get(name, {})
-    return len(sg.load_dataset(datasets.canonical(name, "06_segment"), "smoke", SEED, run_dir=run, **kw).table)
+    return len(load_dataset(datasets.canonical(name, "06_segment"), "smoke", SEED, run_dir=run, **kw).table)
 
 
 ENTRY_POINTS = {"00_eda": _eda, "02_crop_organs": _crop, "03_train": _train, "04_kfold": _kfold,

@@ -96,8 +96,10 @@ def test_parity_check_can_fail(export_dir: Path) -> None:
 def test_output_labels_by_task() -> None:
     assert export.output_labels({"task": "binary", "label_names": ["liver_cyst"]}) == ["not liver_cyst", "liver_cyst"]
     assert export.output_labels({"task": "multiclass", "num_classes": 3, "label_names": list("abc")}) == list("abc")
-    with pytest.raises(ValueError, match="segmentation"):
-        export.ProbabilityEnsemble([torch.nn.Identity()], "segmentation")
+    with pytest.raises(ValueError, match="regression"):
+        export.ProbabilityEnsemble([torch.nn.Identity()], "regression")
+    maps = export.ProbabilityEnsemble([torch.nn.Identity()] * 2, "segmentation")(torch.zeros(1, 1, 4, 4))
+    assert maps.shape == (1, 1, 4, 4) and torch.allclose(maps, torch.full_like(maps, 0.5))  # mean sigmoid map
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -297,22 +299,22 @@ def test_predict_proba_dicom_series_and_default_model(export_dir: Path, monkeypa
 
 @pytest.fixture(scope="module")
 def seg_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small (untrained) MONAI U-Net exported by lib.segment.export_onnx: enough to test the endpoint."""
-    from lib import segment
+    """A small (untrained) MONAI U-Net exported by lib.segmentation.onnx_export: enough to test the endpoint."""
+    from lib.segmentation import model, onnx_export, preprocess
 
     root = tmp_path_factory.mktemp("seg")
     torch.manual_seed(0)
-    kw = {"channels": [4, 8, 16, 32]}
-    net = segment.build_model("monai-unet", 1, 1, **kw)
-    meta = {**models.checkpoint_meta("monai-unet", 1, 1, "segmentation", ["lesion"],
-                                     segment.Preprocess(size=32).to_dict(), **kw), "threshold": 0.5}
+    kw = {"channels": [4, 8, 16, 32], "spatial_dims": 2}
+    net = model.build_model("monai:UNet", 1, 1, **kw)
+    meta = {**models.checkpoint_meta("monai:UNet", 1, 1, "segmentation", ["lesion"],
+                                     preprocess.Preprocess(size=32).to_dict(), **kw), "threshold": 0.5}
     ckpt = models.save_checkpoint(root / "fold0" / "best.pt", net, meta)
-    segment.export_onnx(ckpt, root / "export", sample=_sample_png(root / "s.png"))
+    onnx_export.export_segmenter(ckpt, root / "export", sample=_sample_png(root / "s.png"))
     return root / "export"
 
 
 def test_segment_endpoint(export_dir: Path, seg_export: Path) -> None:
-    from lib import segment
+    from lib.segmentation import infer
 
     c = TestClient(serve.create_app(export_dir, max_upload_mb=1, segmenter_dir=seg_export))
     assert c.get("/health").json()["segmenter_loaded"] is True
@@ -321,8 +323,8 @@ def test_segment_endpoint(export_dir: Path, seg_export: Path) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     mask = np.asarray(Image.open(io.BytesIO(r.content)))
     assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
-    sess, _ = segment.load_segmenter(seg_export)
-    expected, area = segment.segment_source(sess, png)
+    sess, _ = infer.load_segmenter(seg_export)
+    expected, area = infer.segment_source(sess, png)
     np.testing.assert_array_equal(mask > 0, expected > 0)
     assert int(r.headers["X-Mask-Pixels"]) == area["pixels"]
     assert c.post("/segment?output=json", files={"file": ("x", png)}).json()["area"] == area

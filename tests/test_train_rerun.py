@@ -191,7 +191,8 @@ def test_segmentation_fold_refuses_changed_patch_settings(tmp_path: Path) -> Non
     import numpy as np
     import pandas as pd
 
-    from lib import segment
+    from lib.datasets import CachedDataset
+    from lib.segmentation import train as segtrain
 
     g = np.random.default_rng(0)
     x = g.random((8, 1, 32, 32)).astype("float32")
@@ -199,9 +200,9 @@ def test_segmentation_fold_refuses_changed_patch_settings(tmp_path: Path) -> Non
     y[::2, :, 8:16, 8:16] = 1
     x[::2, :, 8:16, 8:16] += 1
     table = pd.DataFrame({"case_id": [f"c{i}" for i in range(8)], "group": [f"g{i // 2}" for i in range(8)]})
-    data = segment.SegData(torch.from_numpy(x), torch.from_numpy(y), table, ["image"], {})
-    cfg = segment.SegConfig(epochs=1, batch_size=4, seed=1)
-    segment.train_fold(data, np.arange(6), np.arange(6, 8), cfg, tmp_path / "f")
+    data = CachedDataset(torch.from_numpy(x), torch.from_numpy(y), table, ["lesion"], "segmentation")
+    cfg = segtrain.SegConfig(epochs=1, batch_size=4, seed=1).train_config()
+    segtrain.train_segmenter(data, np.arange(6), np.arange(6, 8), tmp_path / "f", cfg, batch_size=4)
     with pytest.raises(train.ConfigChangedError, match=r"patch_size: 0 -> 16"):
-        segment.train_fold(data, np.arange(6), np.arange(6, 8), segment.SegConfig(epochs=1, batch_size=4, seed=1,
-                                                                                   patch_size=16), tmp_path / "f")
+        segtrain.train_segmenter(data, np.arange(6), np.arange(6, 8), tmp_path / "f", cfg, batch_size=4,
+                                 patch_size=16)
