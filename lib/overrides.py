@@ -173,7 +173,7 @@ def not_applicable(stem: str, values: Mapping[str, Any], study: Mapping[str, dic
     overrides ``study``), or None when it runs. A 2D image set has no reports to label, no CT volumes with organ
     masks to crop, and no segmentation masks (its explanations are scored by deletion only; notebook 00 describes its
     classes, image sizes and duplicates); notebook 06 runs only on a segmentation set."""
-    if stem.startswith("06") and not segments(values.get("dataset")):
+    if stem.startswith("06") and values.get("dataset") is not None and not segments(values["dataset"]):
         from lib import datasets as registry
 
         return (f"dataset {values.get('dataset')}: not a segmentation set (images with lesion masks); notebook 06 "

@@ -108,5 +108,5 @@ def test_bench_pipeline_writes_a_source(tmp_path: Path) -> None:
     assert figures["run: wall"]["value"] == 12.5
     auc = next(f for n, f in figures.items() if n.startswith("Out-of-fold AUC, trained on report labels"))
     assert auc["value"] == 0.907 and auc["ci"] == [0.869, 0.943]
-    assert src["tables"][0]["rows"] == [["04_kfold", "ok", 1, 2, 11.0, 19.0, 1.73]]
+    assert src["tables"][0]["rows"] == [["04_kfold", "ok", 1, 2, "normal", None, 11.0, 19.0, 1.73]]
     assert "| run: wall | 12.5 s |" in results.markdown(out.parent)
