@@ -16,7 +16,6 @@ the load averages are recorded beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from lib import config, crop, resources, synth
+from lib.io import write_json
 from lib.results import git_commit
 
 
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "shared": "other processes shared the cores; see the 1-minute load per run"},
               "profile": args.profile, "mode": args.mode, "structures": structures, "per_case": per_case,
               "repeat": args.repeat, "best": runs, "rounds": rounds}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    source = results_source(result, git_commit(), time.strftime("%Y-%m-%d", time.gmtime()))
-    args.out.write_text(json.dumps(source, indent=1) + "\n")
+    write_json(args.out, results_source(result, git_commit(), time.strftime("%Y-%m-%d", time.gmtime())))
     print(f"wrote {args.out}")
     return result
 

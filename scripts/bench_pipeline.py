@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import config, pipeline, report  # noqa: E402
+from lib.io import write_json  # noqa: E402
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         command = "python scripts/bench_pipeline.py " + shlex.join(
             [a for a in (argv if argv is not None else sys.argv[1:])])
         src = results_source(info, metrics, run_dir.name, command)
-        args.json.write_text(json.dumps(src, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(args.json, src)
         print(f"results source: {args.json}")
 
 

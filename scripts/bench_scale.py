@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from lib import cluster, config, scale
+from lib.io import write_json
 from lib.results import git_commit
 
 
@@ -121,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "chunk": args.chunk, "langs": args.langs, "workers": args.workers, "scheduler": args.scheduler,
                   "figures": figures, "label_fractions": json.loads(tables["labels"].reset_index().to_json(
                       orient="records"))}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        source = results_source(result, git_commit(), time.strftime("%Y-%m-%d", time.gmtime()))
-        args.out.write_text(json.dumps(source, indent=1) + "\n")
+        write_json(args.out, results_source(result, git_commit(), time.strftime("%Y-%m-%d", time.gmtime())))
         print(f"wrote {args.out}")
     return figures
 
