@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,10 @@ def seed_everything(seed: int = DEFAULT_SEED) -> None:
     except ImportError:  # torch-free stages (reports, synth) still seed the rest
         return
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:  # the public call imports Inductor (~2 s of CPU per process) only to set Inductor's own flag
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
         torch.backends.cudnn.benchmark = False

@@ -183,7 +183,9 @@ class Explainer:
     occlusion_mode: str | float = "mean_img"
     n_batch: int = 32
     progress: bool = False
+    fast: bool = True  # occlusion and probabilities through lib.models.inference_model (built on first use)
     _cams: dict = field(default_factory=dict, repr=False)
+    _forward: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.model = self.model.eval()
@@ -199,6 +201,7 @@ class Explainer:
         first use; a model that already carries their hooks travels as a clean copy."""
         state = dict(self.__dict__)
         state["_cams"] = {k: v for k, v in self._cams.items() if isinstance(v, str)}
+        state["_forward"] = None  # TorchScript modules do not pickle; each process builds its own
         if len(state["_cams"]) < len(self._cams):
             model = copy.deepcopy(self.model)
             for mod in model.modules():
@@ -208,10 +211,21 @@ class Explainer:
             state["model"] = model
         return state
 
+    def forward_model(self, x: Tensor) -> nn.Module:
+        """The network for gradient-free passes over inputs like ``x``: occlusion and deletion curves run hundreds
+        of them per image, so with ``fast`` a traced, optimised copy (``lib.models.inference_model``)."""
+        if not self.fast:
+            return self.model
+        if self._forward is None:
+            from lib.models import inference_model
+
+            self._forward = inference_model(self.model, x[:1].float())
+        return self._forward
+
     def prob(self, x: Tensor) -> np.ndarray:
         """Probability of ``class_idx`` for a batch ``(B, C, H, W)``."""
         with torch.no_grad():
-            return self._act(self.model(x.float()))[:, self.class_idx].double().cpu().numpy()
+            return self._act(self.forward_model(x)(x.float()))[:, self.class_idx].double().cpu().numpy()
 
     def layer(self, x: Tensor) -> str:
         """Grad-CAM target layer for inputs shaped like ``x`` (picked once, see ``find_target_layer``)."""
@@ -239,7 +253,7 @@ class Explainer:
 
         size = min(self.mask_size, *x.shape[-2:])
         mode = float(tissue_level(x).median()) if self.occlusion_mode == "tissue" else self.occlusion_mode
-        occ = OcclusionSensitivity(nn_module=self.model, mask_size=size, n_batch=self.n_batch,
+        occ = OcclusionSensitivity(nn_module=self.forward_model(x), mask_size=size, n_batch=self.n_batch,
                                    verbose=self.progress, mode=mode,
                                    overlap=self.occlusion_overlap(), activate=self._act)
         with torch.no_grad(), warnings.catch_warnings():
@@ -466,7 +480,8 @@ def randomisation_check(explainer: Explainer, x: Tensor, method: str = "gradcam"
                 _randomise(mods[name])
             done += len(group)
             # A fresh copy per step: MONAI's hooks would otherwise pile up on the shared model.
-            rand = Explainer(copy.deepcopy(model), **settings).map(x, method)[0]
+            # fast=False: one map per copy, so tracing the copy would cost more than it saves
+            rand = Explainer(copy.deepcopy(model), **settings, fast=False).map(x, method)[0]
             rows.append({"step": step, "layer": group[-1], "n_randomised": done, "spearman": spearman(ref, rand),
                          "spearman_support": spearman(ref[support], rand[support]), "zero_map": is_zero_map(rand)})
     return pd.DataFrame(rows)

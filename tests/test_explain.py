@@ -394,3 +394,25 @@ def test_multiclass_activation_pickles_into_the_worker_pool():
     act = pickle.loads(pickle.dumps(explain.activation("multiclass")))
     t = torch.tensor([[1.0, 2.0, 0.5]])
     assert torch.allclose(act(t), t.softmax(1))
+
+
+def test_fast_forward_model_matches_eager_and_stays_behind_when_pickled():
+    """Occlusion and probabilities through the traced copy equal the eager model's up to float rounding; the copy is
+    not pickled into worker processes (each builds its own) and randomised copies do not trace."""
+    import pickle
+
+    from lib import models
+
+    torch.manual_seed(0)
+    model = models.create_model("mil:resnet10t", in_chans=4, num_classes=1, channels=[16, 32, 64, 128],
+                                stem_width=16)
+    model.eval()
+    x = torch.rand(3, 4, 32, 32)
+    fast = explain.Explainer(model, mask_size=8, stride=4)
+    eager = explain.Explainer(model, mask_size=8, stride=4, fast=False)
+    np.testing.assert_allclose(fast.prob(x), eager.prob(x), atol=1e-5)
+    np.testing.assert_allclose(fast.map(x[:1], "occlusion"), eager.map(x[:1], "occlusion"), atol=1e-5)
+    assert fast._forward is not None and fast._forward is not fast.model
+    assert eager._forward is None and eager.forward_model(x) is model
+    assert pickle.loads(pickle.dumps(fast))._forward is None
+    assert fast.map(x[:1]).shape == (1, 32, 32)  # Grad-CAM runs on the eager model, with its hooks
