@@ -159,12 +159,10 @@ def crop(input_dir: Path | None, imagedir: Path | None, maskdir: Path | None, ou
         raise click.ClickException(f"no cases found in {input_dir or imagedir} ({len(cases.attrs['skipped'])} "
                                    "unusable files)")
     structures = list(organs) or list(cr.DEFAULT_STRUCTURES)
-    common = {"margin_mm": margin_mm, "window": window, "size": tuple(size)}
-    runs = [cr.crop_cohort(cases, structures, out_dir, mode=m, workers=workers, scheduler=scheduler, **common)
-            for m in modes or ["bbox"]]
+    passes = [{"mode": m, "margin_mm": margin_mm, "window": window, "size": tuple(size)} for m in modes or ["bbox"]]
     if nifti:
-        runs.append(cr.crop_cohort(cases, structures, out_dir, mode="bbox", fmt="nifti", margin_mm=margin_mm,
-                                   workers=workers, scheduler=scheduler))
+        passes.append({"mode": "bbox", "fmt": "nifti", "margin_mm": margin_mm})
+    runs = cr.crop_passes(cases, structures, out_dir, passes, workers=workers, scheduler=scheduler)
     import pandas as pd
 
     skipped = pd.concat([r[1] for r in runs], ignore_index=True).drop_duplicates(["case", "file", "reason"])

@@ -909,12 +909,12 @@ def _unknown(structure: str, valid: Sequence[str]) -> str:
     return f"unknown structure {structure!r}{hint}; valid: {', '.join(valid)}"
 
 
-def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path, params: CropParams,
-              name: str) -> tuple[list[dict], SkippedCases]:
-    """Crop every requested structure of one case; bad input becomes skip records, not exceptions."""
+def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path,
+              passes: Sequence[tuple[CropParams, str]]) -> list[tuple[list[dict], SkippedCases]]:
+    """Crop every requested structure of one case for each ``(params, sub-folder)`` pass: the CT and its masks are
+    read and reoriented once for all passes. Bad input becomes skip records (in every pass), not exceptions."""
     out_dir = Path(out_dir)
     skipped = SkippedCases()
-    rows: list[dict] = []
     cid = case["case_id"]
     try:
         if not case.get("mask"):
@@ -929,30 +929,33 @@ def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path, params
             lesion = np.asanyarray(les_img.dataobj)
     except DataError as exc:
         skipped.add(cid, exc, stage="crop")
-        return rows, skipped
+        return [([], SkippedCases(list(skipped.rows))) for _ in passes]
     src = prepare(image, lesion)
     boxes = label_bboxes(labels) if labels is not None else {}
     lps_labels = src.reorient(labels) if labels is not None else None
+    results = [([], SkippedCases(list(skipped.rows))) for _ in passes]
     for s, (m, label) in masks.items():
         box = boxes.get(label) if label is not None else bbox_of(m)
         if box is None:
             where = Path(case["mask"]) / f"{s}.nii.gz" if case["mask_kind"] == "folder" else case["mask"]
-            skipped.add(cid, DataError(where, f"structure {s!r} is empty (organ absent or resected)"), stage="crop")
+            for _, skips in results:
+                skips.add(cid, DataError(where, f"structure {s!r} is empty (organ absent or resected)"), stage="crop")
             continue
-        crop = crop_structure(src, lps_labels if label is not None else src.reorient(m), box, params, label)
-        rel, shape = write_crop(crop, params, out_dir, f"{name}/{s}/{cid}")
+        mask_lps = lps_labels if label is not None else src.reorient(m)
         sl = tuple(slice(a, b) for a, b in zip(*box, strict=True))  # counts need only the organ's box
         organ = m[sl] == label if label is not None else m[sl] > 0
-        les_vox = 0
-        if lesion is not None:
-            les_vox = int(np.count_nonzero(lesion[sl][organ]) if params.lesion_in_organ
-                          else np.count_nonzero(lesion[sl]))
-        rows.append({"case_id": cid, "patient_id": case["patient_id"], "structure": s, "organ": organ_of(s),
-                     "mode": params.mode, "path": rel, "shape": "x".join(map(str, shape)),
-                     "spacing": "x".join(f"{v:.3f}" for v in (crop.spacing[::-1] if params.fmt == "npz"
-                                                               else crop.spacing)),
-                     "voxels": int(np.count_nonzero(organ)), "bbox": crop.meta["bbox"], "lesion_voxels": les_vox})
-    return rows, skipped
+        les_vox = {keep: 0 if lesion is None else int(np.count_nonzero(lesion[sl][organ]) if keep
+                                                      else np.count_nonzero(lesion[sl])) for keep in (True, False)}
+        for (params, name), (rows, _) in zip(passes, results, strict=True):
+            crop = crop_structure(src, mask_lps, box, params, label)
+            rel, shape = write_crop(crop, params, out_dir, f"{name}/{s}/{cid}")
+            rows.append({"case_id": cid, "patient_id": case["patient_id"], "structure": s, "organ": organ_of(s),
+                         "mode": params.mode, "path": rel, "shape": "x".join(map(str, shape)),
+                         "spacing": "x".join(f"{v:.3f}" for v in (crop.spacing[::-1] if params.fmt == "npz"
+                                                                   else crop.spacing)),
+                         "voxels": int(np.count_nonzero(organ)), "bbox": crop.meta["bbox"],
+                         "lesion_voxels": les_vox[params.lesion_in_organ]})
+    return results
 
 
 # ----------------------------------------------------------------------------- cache + batch
@@ -982,25 +985,77 @@ def _cached(out_dir: Path, name: str, case: dict, digest: str) -> dict | None:
     return entry
 
 
-def run_case(case: dict, structures: Sequence[str], out_dir: str, params: CropParams, name: str,
-             force: bool = False) -> tuple[list[dict], list[dict], bool]:
-    """Worker entry point: cached result when inputs and parameters are unchanged, else crop and record.
-
-    Returns (rows, skip rows, computed).
-    """
+def run_case(case: dict, structures: Sequence[str], out_dir: str, passes: Sequence[tuple[CropParams, str]],
+             force: bool = False) -> list[tuple[list[dict], list[dict], bool]]:
+    """Worker entry point: per pass, the cached result when inputs and parameters are unchanged; the other passes
+    are cropped together (one read of the case) and recorded. Returns (rows, skip rows, computed) per pass."""
     out = Path(out_dir)
-    digest = case_hash(case, structures, params)
-    if not force and (entry := _cached(out, name, case, digest)) is not None:
-        return entry["rows"], entry["skipped"], False
-    try:
-        rows, skipped = crop_case(case, structures, out, params, name)
-    except Exception as exc:  # a bug or odd file must not kill the batch; it is reported per case
-        skipped = SkippedCases()
-        skipped.add(case["case_id"], f"{type(exc).__name__}: {exc}", stage="crop", path=case.get("image", ""))
-        return [], skipped.rows, True  # not cached: unexpected errors are retried next run
-    entry = {"hash": digest, "rows": rows, "skipped": skipped.rows}
-    write_json(_manifest_path(out, name, case["case_id"]), entry)
-    return rows, skipped.rows, True
+    results: list[tuple[list[dict], list[dict], bool] | None] = [None] * len(passes)
+    todo: list[tuple[int, str]] = []
+    for i, (params, name) in enumerate(passes):
+        digest = case_hash(case, structures, params)
+        if not force and (entry := _cached(out, name, case, digest)) is not None:
+            results[i] = (entry["rows"], entry["skipped"], False)
+        else:
+            todo.append((i, digest))
+    if todo:
+        try:
+            cropped = crop_case(case, structures, out, [passes[i] for i, _ in todo])
+        except Exception as exc:  # a bug or odd file must not kill the batch; it is reported per case
+            skipped = SkippedCases()
+            skipped.add(case["case_id"], f"{type(exc).__name__}: {exc}", stage="crop", path=case.get("image", ""))
+            for i, _ in todo:  # not cached: unexpected errors are retried next run
+                results[i] = ([], skipped.rows, True)
+            return results  # type: ignore[return-value]
+        for (i, digest), (rows, skipped) in zip(todo, cropped, strict=True):
+            write_json(_manifest_path(out, passes[i][1], case["case_id"]),
+                       {"hash": digest, "rows": rows, "skipped": skipped.rows})
+            results[i] = (rows, skipped.rows, True)
+    return results  # type: ignore[return-value]
+
+
+def pass_name(params: CropParams) -> str:
+    """Default sub-folder of a pass: the mode for npz samples, ``<mode>3d`` for NIfTI crops."""
+    return params.mode if params.fmt == "npz" else f"{params.mode}3d"
+
+
+def crop_passes(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | Path,
+                passes: Sequence[dict | CropParams], *, names: Sequence[str | None] | None = None,
+                workers: int | None = None, force: bool = False, progress: bool = True,
+                scheduler: str | None = None) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """:func:`crop_cohort` for several passes (modes, formats) in one sweep over the cases: each case's CT and
+    masks are read once for all passes, which is most of the cost of a pass. ``passes`` are :class:`CropParams`
+    (or their fields as dicts); ``names`` their sub-folders (default :func:`pass_name`). Returns one (index,
+    skipped) per pass, as :func:`crop_cohort` does, and updates ``out_dir/index.csv`` for all of them."""
+    ps = [(p if isinstance(p, CropParams) else CropParams(**p)).validate() for p in passes]  # type: ignore[arg-type]
+    named = [(p, n or pass_name(p)) for p, n in zip(ps, names or [None] * len(ps), strict=True)]
+    if len({n for _, n in named}) < len(named):
+        raise ValueError(f"two crop passes write to the same sub-folder: {[n for _, n in named]}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = cases.fillna("").to_dict("records")
+    rows: list[list[dict]] = [[] for _ in named]
+    skips: list[list[dict]] = [[dict(r) for r in cases.attrs.get("skipped", [])] for _ in named]
+    computed = [0] * len(named)
+    jobs = [(rec, list(structures), str(out), named, force) for rec in records]
+    desc = f"crop {'+'.join(n for _, n in named)}"
+    for _, per_pass in cluster.imap(run_case, jobs, scheduler=scheduler, workers=workers, desc=desc,
+                                    progress=progress, preload=("lib.crop",)):
+        for i, (r, s, c) in enumerate(per_pass):
+            rows[i] += r
+            skips[i] += s
+            computed[i] += c
+    results = []
+    for (_, name), r, s, c in zip(named, rows, skips, computed, strict=True):
+        index = pd.DataFrame(r, columns=INDEX_COLUMNS).sort_values(["structure", "case_id"], ignore_index=True)
+        skipped = pd.DataFrame(s, columns=["case", "stage", "file", "reason"]).sort_values(
+            ["case", "reason"], ignore_index=True)
+        index.attrs["computed"] = c
+        _merge_index(out / "index.csv", index, name)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        skipped.to_csv(out / name / "skipped.csv", index=False)
+        results.append((index, skipped))
+    return results
 
 
 def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | Path, mode: str = "bbox", *,
@@ -1015,29 +1070,11 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
     ``lib.resources.workers``), or on a Dask cluster with ``scheduler`` (``lib.cluster``). Returns (index,
     skipped); the index has one row per written crop (this call's rows), and ``out_dir/index.csv`` keeps other
     sub-folders' rows. ``skipped`` starts with what :func:`discover_cases` left out of ``cases``
-    (``cases.attrs["skipped"]``), so a notebook shows every unusable file in one table.
+    (``cases.attrs["skipped"]``), so a notebook shows every unusable file in one table. Several modes at once:
+    :func:`crop_passes`.
     """
-    p = CropParams(mode=mode, **params).validate()  # type: ignore[arg-type]
-    name = name or (p.mode if p.fmt == "npz" else f"{p.mode}3d")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = cases.fillna("").to_dict("records")
-    rows: list[dict] = []
-    skips: list[dict] = [dict(r) for r in cases.attrs.get("skipped", [])]
-    computed = 0
-    jobs = [(rec, list(structures), str(out), p, name, force) for rec in records]
-    for _, (r, s, c) in cluster.imap(run_case, jobs, scheduler=scheduler, workers=workers, desc=f"crop {name}",
-                                     progress=progress, preload=("lib.crop",)):
-        rows += r
-        skips += s
-        computed += c
-    index = pd.DataFrame(rows, columns=INDEX_COLUMNS).sort_values(["structure", "case_id"], ignore_index=True)
-    skipped = pd.DataFrame(skips, columns=["case", "stage", "file", "reason"]).sort_values(
-        ["case", "reason"], ignore_index=True)
-    index.attrs["computed"] = computed
-    _merge_index(out / "index.csv", index, name)
-    skipped.to_csv(out / name / "skipped.csv", index=False)
-    return index, skipped
+    return crop_passes(cases, structures, out_dir, [CropParams(mode=mode, **params)], names=[name],  # type: ignore[arg-type]
+                       workers=workers, force=force, progress=progress, scheduler=scheduler)[0]
 
 
 def _merge_index(path: Path, index: pd.DataFrame, name: str) -> None:
