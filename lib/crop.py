@@ -1229,22 +1229,34 @@ def source_mask(case: dict, structure: str, labels: nib.Nifti1Image | None = Non
     return np.asanyarray(img.dataobj) == index[structure], img.affine
 
 
-def verify_overlay(index: pd.DataFrame, cases: pd.DataFrame, crops_dir: str | Path) -> pd.DataFrame:
+def overlay_case(case: dict, rows: list[tuple[int, str, str]], crops_dir: str) -> list[tuple[int, float]]:
+    """:func:`overlay_check` of one case's crops, given as ``(row, structure, path)``: the source masks are read
+    once per case (a worker's job for :func:`verify_overlay`)."""
+    labels = load_3d(case["mask"]) if case["mask_kind"] != "folder" else None
+    out: list[tuple[int, float]] = []
+    for structure in dict.fromkeys(s for _, s, _ in rows):
+        mask, affine = source_mask(case, structure, labels)
+        out += [(i, overlay_check(load_crop(crops_dir, rel), mask, affine)) for i, s, rel in rows if s == structure]
+    return out
+
+
+def verify_overlay(index: pd.DataFrame, cases: pd.DataFrame, crops_dir: str | Path, workers: int | None = None,
+                   scheduler: str | None = None) -> pd.DataFrame:
     """World-coordinate check of every crop in ``index``: :func:`overlay_check` against its source mask.
 
     Returns ``index`` with an ``overlay`` column (1.0 = each crop voxel's mask equals the source mask at the
-    same world position, whatever the mode, orientation, resampling or output size).
+    same world position, whatever the mode, orientation, resampling or output size). Cases are checked side by
+    side as :func:`crop_cohort` crops them (``workers``, ``scheduler``).
     """
     by_case = cases.fillna("").set_index("case_id")
     out = index.copy()
     out["overlay"] = np.nan
-    for cid, rows in out.groupby("case_id"):
-        case = by_case.loc[cid].to_dict()
-        labels = load_3d(case["mask"]) if case["mask_kind"] != "folder" else None
-        for structure, srows in rows.groupby("structure"):
-            mask, affine = source_mask(case, structure, labels)
-            for i, rel in srows.path.items():
-                out.loc[i, "overlay"] = overlay_check(load_crop(crops_dir, rel), mask, affine)
+    jobs = [(by_case.loc[cid].to_dict(), list(zip(rows.index, rows.structure, rows.path, strict=True)), str(crops_dir))
+            for cid, rows in out.groupby("case_id")]
+    for _, checks in cluster.imap(overlay_case, jobs, scheduler=scheduler, workers=workers, desc="overlay check",
+                                  progress=False, preload=("lib.crop",)):
+        for i, value in checks:
+            out.loc[i, "overlay"] = value
     return out
 
 
