@@ -944,8 +944,10 @@ def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path,
         mask_lps = lps_labels if label is not None else src.reorient(m)
         sl = tuple(slice(a, b) for a, b in zip(*box, strict=True))  # counts need only the organ's box
         organ = m[sl] == label if label is not None else m[sl] > 0
+        voxels = int(np.count_nonzero(organ))
         les_vox = {keep: 0 if lesion is None else int(np.count_nonzero(lesion[sl][organ]) if keep
-                                                      else np.count_nonzero(lesion[sl])) for keep in (True, False)}
+                                                      else np.count_nonzero(lesion[sl]))
+                   for keep in {p.lesion_in_organ for p, _ in passes}}  # only the counts the passes ask for
         for (params, name), (rows, _) in zip(passes, results, strict=True):
             crop = crop_structure(src, mask_lps, box, params, label)
             rel, shape = write_crop(crop, params, out_dir, f"{name}/{s}/{cid}")
@@ -953,7 +955,7 @@ def crop_case(case: dict, structures: Sequence[str], out_dir: str | Path,
                          "mode": params.mode, "path": rel, "shape": "x".join(map(str, shape)),
                          "spacing": "x".join(f"{v:.3f}" for v in (crop.spacing[::-1] if params.fmt == "npz"
                                                                    else crop.spacing)),
-                         "voxels": int(np.count_nonzero(organ)), "bbox": crop.meta["bbox"],
+                         "voxels": voxels, "bbox": crop.meta["bbox"],
                          "lesion_voxels": les_vox[params.lesion_in_organ]})
     return results
 
@@ -1051,10 +1053,10 @@ def crop_passes(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
         skipped = pd.DataFrame(s, columns=["case", "stage", "file", "reason"]).sort_values(
             ["case", "reason"], ignore_index=True)
         index.attrs["computed"] = c
-        _merge_index(out / "index.csv", index, name)
         (out / name).mkdir(parents=True, exist_ok=True)
         skipped.to_csv(out / name / "skipped.csv", index=False)
         results.append((index, skipped))
+    _merge_index(out / "index.csv", {name: index for (_, name), (index, _) in zip(named, results, strict=True)})
     return results
 
 
@@ -1077,12 +1079,14 @@ def crop_cohort(cases: pd.DataFrame, structures: Sequence[str], out_dir: str | P
                        workers=workers, force=force, progress=progress, scheduler=scheduler)[0]
 
 
-def _merge_index(path: Path, index: pd.DataFrame, name: str) -> None:
-    """Replace this sub-folder's rows in index.csv, keep the others (several modes share one index)."""
+def _merge_index(path: Path, indexes: dict[str, pd.DataFrame]) -> None:
+    """Replace these sub-folders' rows in index.csv (one table per sub-folder name), keep the others (several
+    modes share one index); one read and one write however many sub-folders."""
+    index = pd.concat([i.astype(str) for i in indexes.values()], ignore_index=True)
     if path.exists():
         old = pd.read_csv(path, dtype=str)
-        old = old[~old.path.str.startswith(f"{name}/")]
-        index = pd.concat([old, index.astype(str)], ignore_index=True)
+        old = old[~old.path.str.startswith(tuple(f"{name}/" for name in indexes))]
+        index = pd.concat([old, index], ignore_index=True)
     _atomic_write(path, index.to_csv(index=False).encode())
 
 

@@ -866,10 +866,9 @@ def crop_cases(crops_dir: str | Path, labels: pd.DataFrame, meta: dict, class_id
 
     prep = dict(meta.get("preprocessing") or {})
     crops_dir = Path(crops_dir)
-    truth = labels
     cols = prep.get("label_cols") or list(meta.get("label_names") or [])
     cols = cols if isinstance(cols, str) else list(cols)  # a "{organ}_abnormal" template stays a string
-    ds = datasets.crop_dataset(crops_dir, truth, cols, organ=prep.get("organ"), task=meta["task"],
+    ds = datasets.crop_dataset(crops_dir, labels, cols, organ=prep.get("organ"), task=meta["task"],
                                kind=prep.get("kind", "slab"), n_slices=int(prep.get("n_slices", 8)),
                                size=int(prep.get("size", 64)), mask_mode=prep.get("mask_mode", "none"),
                                uncertain=prep.get("uncertain", "ignore"), mode=crop_mode)
